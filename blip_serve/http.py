@@ -78,27 +78,36 @@ class UploadLimitMiddleware:
             return await error_response(413, limit_text)(scope, receive, send)
 
         received = 0
-        response_started = False
+        too_large = False
+        replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise BodyTooLarge()
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
+        async def replacing_send(message: Message) -> None:
+            # Whatever the app answers after the limit was hit (FastAPI turns the read error into
+            # a 400), the client gets the 413.
+            nonlocal replaced
+            if too_large:
+                if not replaced:
+                    replaced = True
+                    await error_response(413, limit_text)(scope, receive, send)
+                return
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, replacing_send)
         except BodyTooLarge:
-            if not response_started:
-                await error_response(413, limit_text)(scope, receive, send)
+            pass
+        if too_large and not replaced:
+            await error_response(413, limit_text)(scope, receive, send)
 
 
 class BodyTooLarge(Exception):

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import pytest
+
+from blip_serve.tiny_model import make_blip
+from servers import BentoServer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return str(make_blip(tmp_path_factory.mktemp("tiny-blip")))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory) -> BentoServer:
+    """The real `bentoml serve` with the tiny model, exact precision, shared by most tests."""
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_MAX_LATENCY_MS": "60000"}
+    with BentoServer(env, tmp_path_factory.mktemp("logs") / "bentoml.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    from reference import ReferenceCaptioner
+
+    return ReferenceCaptioner(tiny_model_dir)

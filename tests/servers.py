@@ -1,0 +1,92 @@
+"""Start and stop the real `bentoml serve` (and friends) for tests: free ports, /readyz, stop by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        if http_status(f"{url}/readyz") == 200:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz not 200 after {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop a server and everything it started (its own process group)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # workers left behind by a crashed supervisor
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+class BentoServer:
+    """`bentoml serve` from the repo root on a free port, with BLIP_* settings from `env`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "BentoServer":
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [BENTOML, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_until_ready(self.url, self.process, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> "BentoServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

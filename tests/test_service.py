@@ -1,0 +1,215 @@
+"""The real `bentoml serve` with the tiny model: what a client sends, what it gets back."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+
+import aiohttp
+import httpx
+import pytest
+from PIL import Image
+
+from images import encode, scene, upload_corpus
+
+CORPUS = upload_corpus()
+
+
+def post_caption(server, files=None, data=None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.url}/caption", files=files, data=data, timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_every_format_gets_the_reference_caption(server, reference, name):
+    response = post_caption(server, files={"file": (name, CORPUS[name])})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"caption": reference.caption(CORPUS[name])}
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("content_type", ["image/jpg", "application/octet-stream", "text/plain"])
+def test_the_part_content_type_is_not_trusted(server, reference, content_type):
+    data = CORPUS["photo.jpg"]
+    response = post_caption(server, files={"file": ("upload", data, content_type)})
+    assert response.status_code == 200, response.text
+    assert response.json()["caption"] == reference.caption(data)
+
+
+def test_seed_style_aiohttp_client(server, reference):
+    data = CORPUS["photo.png"]
+
+    async def send() -> tuple[int, dict]:
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename="photo.png", content_type="image/png")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.url}/caption", data=form) as response:
+                return response.status, await response.json()
+
+    status, body = asyncio.run(send())
+    assert status == 200
+    assert body == {"caption": reference.caption(data)}
+
+
+def test_prompt_and_generation_options(server, reference):
+    data = CORPUS["photo.webp"]
+    form = {"prompt": "a photography of", "max_new_tokens": "6", "num_beams": "2"}
+    response = post_caption(server, files={"file": ("p.webp", data)}, data=form)
+    assert response.status_code == 200, response.text
+    caption = response.json()["caption"]
+    assert caption.startswith("a photography of")
+    assert caption == reference.caption(data, prompt="a photography of", max_new_tokens=6, num_beams=2)
+
+
+def batch_histogram(metrics_text: str) -> dict[str, float]:
+    """bentoml_service_adaptive_batch_size buckets of the caption API: le -> cumulative count."""
+    buckets = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'method_name="caption"' in line:
+            le = re.search(r'le="([^"]+)"', line).group(1)
+            buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def test_concurrent_requests_are_batched_and_all_correct(server, reference):
+    images = [encode(scene(100 + i), "PNG") for i in range(24)]
+    before = batch_histogram(httpx.get(f"{server.url}/metrics").text)
+
+    async def send_all() -> list[tuple[int, dict]]:
+        async with aiohttp.ClientSession() as session:
+
+            async def send(data: bytes):
+                form = aiohttp.FormData()
+                form.add_field("file", data, filename="x.png")
+                async with session.post(f"{server.url}/caption", data=form) as response:
+                    return response.status, await response.json()
+
+            return await asyncio.gather(*(send(data) for data in images))
+
+    results = asyncio.run(send_all())
+    assert [status for status, _ in results] == [200] * len(images)
+    assert [body["caption"] for _, body in results] == [reference.caption(data) for data in images]
+
+    after = batch_histogram(httpx.get(f"{server.url}/metrics").text)
+    batches = after["+Inf"] - before.get("+Inf", 0)
+    single = after["1.0"] - before.get("1.0", 0)
+    assert 0 < batches < len(images), "24 concurrent requests should have shared batches"
+    assert batches - single >= 1, "at least one batch held more than one image"
+
+
+def test_readyz_and_livez(server):
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+    assert "bentoml_service_adaptive_batch_size" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_one_log_line_per_request(server):
+    response = post_caption(server, files={"file": ("p.png", CORPUS["photo.png"])}, headers={"X-Request-ID": "log-me-42"})
+    assert response.headers["x-request-id"] == "log-me-42"
+    lines = [line for line in server.log_text().splitlines() if "request_id=log-me-42" in line]
+    assert len(lines) == 1
+    assert "image=160x120" in lines[0] and "status=200" in lines[0] and "latency_ms=" in lines[0]
+
+
+JPEG = CORPUS["photo.jpg"]
+ERROR_CASES = {
+    # name: (files, data, status, words in the message)
+    "no body": (None, None, 400, "missing form field 'file'"),
+    "wrong field name": ({"image": ("p.jpg", JPEG)}, None, 400, "missing form field 'file'"),
+    "empty file": ({"file": ("p.jpg", b"")}, None, 400, "empty"),
+    "text where a file belongs": (None, {"file": "hello"}, 400, "must be an uploaded file"),
+    "url where a file belongs": (None, {"file": "http://127.0.0.1:9/cat.jpg"}, 400, "must be an uploaded file"),
+    "two file parts": ([("file", ("a.jpg", JPEG)), ("file", ("b.jpg", JPEG))], None, 400, "exactly one"),
+    "plain text": ({"file": ("a.txt", b"hello there")}, None, 415, "not a supported image"),
+    "html": ({"file": ("a.html", b"<html><body>x</body></html>")}, None, 415, "not a supported image"),
+    "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')}, None, 415, "not a supported image"),
+    "pdf": ({"file": ("a.pdf", b"%PDF-1.4\n%%EOF")}, None, 415, "not a supported image"),
+    "truncated jpeg": ({"file": ("a.jpg", JPEG[: len(JPEG) // 2])}, None, 415, "could not be decoded"),
+    "pixel bomb": ({"file": ("b.png", encode(Image.new("L", (12000, 10000)), "PNG"))}, None, 413, "pixels"),
+    "max_new_tokens too large": ({"file": ("p.jpg", JPEG)}, {"max_new_tokens": "100000"}, 400, "max_new_tokens"),
+    "max_new_tokens not a number": ({"file": ("p.jpg", JPEG)}, {"max_new_tokens": "many"}, 400, "max_new_tokens"),
+    "num_beams zero": ({"file": ("p.jpg", JPEG)}, {"num_beams": "0"}, 400, "num_beams"),
+    "prompt too long": ({"file": ("p.jpg", JPEG)}, {"prompt": "a" * 1000}, 400, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
+def test_client_errors_are_json_4xx(server, case):
+    files, data, status, words = ERROR_CASES[case]
+    response = post_caption(server, files=files, data=data)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert words in body["error"]
+
+
+def test_json_body_is_refused_with_a_hint(server):
+    response = httpx.post(f"{server.url}/caption", json={"file": "x"})
+    assert response.status_code == 400
+    assert "multipart/form-data field 'file'" in response.json()["error"]
+
+
+def test_upload_over_10_mb_is_413(server):
+    big = b"\xff\xd8" + b"\0" * (11 * 1024 * 1024)
+    response = post_caption(server, files={"file": ("big.jpg", big)})
+    assert response.status_code == 413
+    assert "10 MB" in response.json()["error"]
+
+
+def test_chunked_upload_over_10_mb_is_413(server):
+    boundary = "xyz"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'.encode()
+
+    def body():  # no Content-Length: the server has to count
+        yield head
+        for _ in range(12):
+            yield b"\0" * (1024 * 1024)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = httpx.post(
+        f"{server.url}/caption", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60
+    )
+    assert response.status_code == 413
+    assert response.json()["error"].startswith("the request body is larger")
+
+
+def test_a_url_in_the_file_field_is_never_fetched(server):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(3)
+    port = listener.getsockname()[1]
+    connections = []
+    threading.Thread(target=lambda: connections.append(_accept(listener)), daemon=True).start()
+
+    response = post_caption(server, data={"file": f"http://127.0.0.1:{port}/cat.jpg"})
+    assert response.status_code == 400
+    time.sleep(3.5)  # the listener waits 3 s for a connection that must not come
+    listener.close()
+    assert connections == [None], "the server connected to the URL it was sent"
+
+
+def _accept(listener: socket.socket):
+    try:
+        connection, _ = listener.accept()
+        connection.close()
+        return "connected"
+    except OSError:
+        return None
+
+
+def test_server_is_ready_after_bad_input(server, reference):
+    for files, data, _, _ in ERROR_CASES.values():
+        post_caption(server, files=files, data=data)
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    response = post_caption(server, files={"file": ("p.jpg", JPEG)})
+    assert response.json() == {"caption": reference.caption(JPEG)}
+
+
+def test_get_on_caption_is_json_405(server):
+    response = httpx.get(f"{server.url}/caption")
+    assert response.status_code == 405
+    assert response.json() == {"error": "Method Not Allowed"}
