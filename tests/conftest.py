@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from blip_serve.tiny_model import make_blip
-from servers import BentoServer
+from load_test.servers import BentoServer
 
 
 @pytest.fixture(scope="session")

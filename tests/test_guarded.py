@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from images import encode, scene
-from servers import BentoServer
+from load_test.servers import BentoServer
 
 KEY = "test-key-123"
 

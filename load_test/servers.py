@@ -32,7 +32,7 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -58,35 +58,57 @@ def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
     process.wait()
 
 
-class BentoServer:
-    """`bentoml serve` from the repo root on a free port, with BLIP_* settings from `env`."""
+class ServerProcess:
+    """A server command on a free port, in its own process group, ready once /readyz says 200."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
+    def __init__(self, command: list[str], port: int, env: dict[str, str], log_path: Path):
+        self.command = command
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "BentoServer":
+    def start(self, timeout: float = 300.0) -> "ServerProcess":
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [BENTOML, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        wait_until_ready(self.url, self.process, self.log_path)
+        try:
+            wait_until_ready(self.url, self.process, self.log_path, timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
             self.log.close()
+            self.process = None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def __enter__(self) -> "BentoServer":
+    def __enter__(self) -> "ServerProcess":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def BentoServer(env: dict[str, str], log_path: Path) -> ServerProcess:
+    """`bentoml serve` from the repo root (bentofile.yaml names the service), BLIP_* from `env`."""
+    port = free_port()
+    return ServerProcess([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(port)], port, env, log_path)
+
+
+def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> ServerProcess:
+    """The per-request design this project replaces: FastAPI under gunicorn, a model per worker."""
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("gunicorn")), "load_test.baseline:app",
+        "--worker-class", "uvicorn.workers.UvicornWorker", "--workers", str(workers),
+        "--bind", f"127.0.0.1:{port}", "--timeout", "600",
+    ]
+    return ServerProcess(command, port, env, log_path)

@@ -1,0 +1,1 @@
+"""Load tests for blip-serve: `python -m load_test --help`."""

@@ -1,0 +1,179 @@
+"""The load generator: closed loop (C clients, each sending its next request when the last one
+answers) and open loop (Poisson arrivals at a fixed rate, latency counted from the scheduled send,
+so a slow server cannot hide its queue: no coordinated omission)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+from tqdm import tqdm
+
+
+@dataclass
+class Outcome:
+    status: int  # 0: no HTTP answer (connection error, timeout)
+    latency_s: float
+    error: str | None = None
+
+
+@dataclass
+class StepReport:
+    server: str
+    mode: str  # "closed" or "open"
+    load: float  # concurrency (closed) or arrival rate in req/s (open)
+    requests: int
+    duration_s: float
+    throughput: float  # successful images per second
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    max_s: float
+    statuses: dict[str, int]
+    errors: dict[str, int]
+    batch_sizes: dict[str, float] = field(default_factory=dict)  # bucket upper bound -> batches
+    mean_batch_size: float | None = None
+
+    def row(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, bytes], headers: dict) -> Outcome:
+    name, data = image
+    form = aiohttp.FormData()
+    form.add_field("file", data, filename=name, content_type="application/octet-stream")
+    started = time.perf_counter()
+    try:
+        async with session.post(url, data=form, headers=headers) as response:
+            body = await response.read()
+            error = None
+            if response.status != 200:
+                error = f"{response.status}: {body[:120].decode('utf-8', 'replace')}"
+            return Outcome(response.status, time.perf_counter() - started, error)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return Outcome(0, time.perf_counter() - started, type(exc).__name__)
+
+
+async def closed_loop(session, url, images, concurrency: int, total: int, headers: dict, progress=None) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    counter = itertools.count()
+    image_cycle = itertools.cycle(images)
+
+    async def client() -> None:
+        while next(counter) < total:
+            outcomes.append(await send_one(session, url, next(image_cycle), headers))
+            if progress:
+                progress.update()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return outcomes
+
+
+async def open_loop(session, url, images, rate: float, total: int, headers: dict, seed: int = 0, progress=None) -> list[Outcome]:
+    rng = random.Random(seed)
+    image_cycle = itertools.cycle(images)
+    start = time.perf_counter()
+    scheduled = 0.0
+    tasks = []
+
+    async def timed(send_at: float, image) -> Outcome:
+        outcome = await send_one(session, url, image, headers)
+        # From the scheduled send time: time spent waiting for a free connection counts too.
+        outcome.latency_s = time.perf_counter() - (start + send_at)
+        if progress:
+            progress.update()
+        return outcome
+
+    for _ in range(total):
+        delay = start + scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(timed(scheduled, next(image_cycle))))
+        scheduled += rng.expovariate(rate)
+    return list(await asyncio.gather(*tasks))
+
+
+async def read_batch_histogram(session, base_url: str) -> dict[str, float]:
+    """The bentoml_service_adaptive_batch_size histogram: {"le=<bound>": cumulative batches, ...,
+    "sum": images, "count": batches}; {} when the server is not a BentoML one."""
+    try:
+        async with session.get(f"{base_url}/metrics") as response:
+            if response.status != 200:
+                return {}
+            text = await response.text()
+    except aiohttp.ClientError:
+        return {}
+    histogram: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r'bentoml_service_adaptive_batch_size_(bucket|sum|count)\{([^}]*)\} (\S+)', line)
+        if not match:
+            continue
+        kind, labels, value = match.groups()
+        key = "le=" + re.search(r'le="([^"]+)"', labels).group(1) if kind == "bucket" else kind
+        histogram[key] = histogram.get(key, 0.0) + float(value)
+    return histogram
+
+
+def batch_distribution(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, float], float | None]:
+    """Batches per bucket during the step ("<=8": 3 means three batches of 5 to 8 images) and the
+    mean batch size (images / batches)."""
+    if not after:
+        return {}, None
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    bounds = sorted((key for key in delta if key.startswith("le=")), key=lambda k: float(k[3:]))
+    per_bucket, previous = {}, 0.0
+    for key in bounds:
+        if delta[key] - previous:
+            per_bucket["<=" + key[3:].replace(".0", "")] = delta[key] - previous
+        previous = delta[key]
+    batches = delta.get("count", 0.0)
+    return per_bucket, (delta.get("sum", 0.0) / batches if batches else None)
+
+
+async def run_step(
+    server: str, url: str, images, mode: str, load: float, total: int, warmup: int,
+    headers: dict | None = None, timeout_s: float = 600, show_progress: bool = True,
+) -> StepReport:
+    """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`."""
+    headers = headers or {}
+    base_url = url.rsplit("/caption", 1)[0]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        if warmup:
+            await closed_loop(session, url, images, max(1, int(load)) if mode == "closed" else 1, warmup, headers)
+        before = await read_batch_histogram(session, base_url)
+        label = f"{server} {mode} {'c' if mode == 'closed' else 'rate '}{load:g}"
+        with tqdm(total=total, desc=label, leave=False, disable=not show_progress) as progress:
+            started = time.perf_counter()
+            if mode == "closed":
+                outcomes = await closed_loop(session, url, images, int(load), total, headers, progress)
+            else:
+                outcomes = await open_loop(session, url, images, load, total, headers, progress=progress)
+            duration = time.perf_counter() - started
+        after = await read_batch_histogram(session, base_url)
+
+    ok = [o.latency_s for o in outcomes if o.status == 200]
+    latencies = [o.latency_s for o in outcomes]
+    buckets, mean_batch = batch_distribution(before, after)
+    return StepReport(
+        server=server, mode=mode, load=load, requests=len(outcomes), duration_s=round(duration, 3),
+        throughput=round(len(ok) / duration, 3),
+        p50_s=round(percentile(latencies, 50), 3), p95_s=round(percentile(latencies, 95), 3),
+        p99_s=round(percentile(latencies, 99), 3), max_s=round(max(latencies), 3),
+        statuses=dict(Counter(str(o.status) for o in outcomes)),
+        errors=dict(Counter(o.error for o in outcomes if o.error)),
+        batch_sizes=buckets, mean_batch_size=None if mean_batch is None else round(mean_batch, 2),
+    )

@@ -1,0 +1,31 @@
+"""The demo notebook, executed top to bottom against the real server (tiny model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+from load_test.sample_images import write_samples
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "parallel_captions.ipynb"
+
+
+def test_notebook_prints_the_servers_caption_for_every_image(server, reference, tmp_path, monkeypatch):
+    images = write_samples(tmp_path / "images", count=6)
+    monkeypatch.setenv("BLIP_SERVER_URL", server.url)
+    monkeypatch.setenv("BLIP_IMAGE_DIR", str(images))
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it without outputs"
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    printed = "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []) if output.get("name") == "stdout"
+    )
+    for path in sorted(images.iterdir()):
+        assert f"{path.name}: {reference.caption(path.read_bytes())}\n" in printed
+    assert printed.count("concurrency ") == 8
+    assert any("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
