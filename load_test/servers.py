@@ -32,12 +32,13 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0, ready: int | None = 200) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        if http_status(f"{url}/readyz") == 200:
+        status = http_status(f"{url}/readyz")
+        if status is not None and (ready is None or status == ready):
             return
         time.sleep(0.5)
     raise TimeoutError(f"{url}/readyz not 200 after {timeout}s:\n{log_path.read_text()[-4000:]}")
@@ -69,13 +70,14 @@ class ServerProcess:
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 300.0) -> "ServerProcess":
+    def start(self, timeout: float = 300.0, ready: int | None = 200) -> "ServerProcess":
+        """Start, then wait until /readyz answers `ready` (None: any HTTP answer at all)."""
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             self.command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            wait_until_ready(self.url, self.process, self.log_path, timeout)
+            wait_until_ready(self.url, self.process, self.log_path, timeout, ready)
         except BaseException:
             self.stop()
             raise
@@ -112,3 +114,26 @@ def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> Ser
         "--bind", f"127.0.0.1:{port}", "--timeout", "600",
     ]
     return ServerProcess(command, port, env, log_path)
+
+
+NGINX_CONF = REPO / "nginx" / "nginx.conf"
+NGINX_UPSTREAM = "server bento:3000 max_fails=1 fail_timeout=5s;"
+
+
+def NginxServer(upstream_urls: list[str], prefix: Path) -> ServerProcess:
+    """The real nginx binary running nginx/nginx.conf, with the compose upstream, port and temp paths
+    swapped for local ones. `prefix` must be reachable by nginx's unprivileged worker user."""
+    port = free_port()
+    conf = NGINX_CONF.read_text()
+    for original in (NGINX_UPSTREAM, "listen 80;", "/tmp/nginx"):
+        assert original in conf, f"nginx/nginx.conf no longer has {original!r}: update NginxServer"
+    servers = "\n        ".join(
+        f"server {url.removeprefix('http://')} max_fails=1 fail_timeout=5s;" for url in upstream_urls
+    )
+    conf = conf.replace(NGINX_UPSTREAM, servers).replace("listen 80;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("/tmp/nginx", str(prefix))
+    prefix.mkdir(parents=True, exist_ok=True)
+    prefix.chmod(0o755)
+    (prefix / "nginx.conf").write_text(conf)
+    command = ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
+    return ServerProcess(command, port, {}, prefix / "nginx.log")

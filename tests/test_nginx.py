@@ -1,0 +1,121 @@
+"""The real nginx (nginx/nginx.conf) in front of the real `bentoml serve`, as docker-compose runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+
+from images import encode, scene
+from load_test.servers import BentoServer, NginxServer, free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
+
+IMAGE = encode(scene(7), "JPEG")
+
+
+@pytest.fixture
+def nginx_prefix():
+    # Not pytest's tmp_path: its folders are root-only, and nginx's workers run as nobody.
+    prefix = Path(tempfile.mkdtemp(prefix="blip-nginx-"))
+    yield prefix
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.fixture
+def nginx(server, nginx_prefix):
+    with NginxServer([server.url], nginx_prefix) as running:
+        yield running
+
+
+def test_caption_through_nginx(nginx, reference):
+    response = httpx.post(f"{nginx.url}/caption", files={"file": ("p.jpg", IMAGE)}, headers={"X-Request-ID": "via-nginx-1"}, timeout=60)
+    assert response.status_code == 200
+    assert response.json() == {"caption": reference.caption(IMAGE)}
+    assert response.headers["x-request-id"] == "via-nginx-1"  # passed through to the bento and back
+    assert response.headers["server"] == "nginx"  # server_tokens off: no version
+    log = nginx.log_text()
+    assert re.search(r'"POST /caption HTTP/1.1" 200 .* id=via-nginx-1 request_time=[\d.]+ upstream=127.0.0.1:\d+', log)
+
+
+def test_health_and_metrics_through_nginx(nginx):
+    assert httpx.get(f"{nginx.url}/readyz").status_code == 200
+    assert "bentoml_service_adaptive_batch_size" in httpx.get(f"{nginx.url}/metrics").text
+
+
+def test_bento_errors_pass_through_as_json(nginx):
+    response = httpx.post(f"{nginx.url}/caption", files={"file": ("a.txt", b"not an image")})
+    assert response.status_code == 415
+    assert "not a supported image" in response.json()["error"]
+
+
+def test_11_mb_upload_is_refused_by_nginx_as_json(nginx):
+    response = httpx.post(f"{nginx.url}/caption", files={"file": ("big.jpg", b"\0" * (11 * 1024 * 1024))}, timeout=60)
+    assert response.status_code == 413
+    assert response.json() == {"error": "the request body is larger than 10 MB"}
+    assert "nginx/" not in response.text
+
+
+def test_concurrent_requests_through_nginx_still_batch(nginx, server, reference):
+    from test_service import batch_histogram
+
+    images = [encode(scene(300 + i), "JPEG") for i in range(16)]
+    before = batch_histogram(httpx.get(f"{server.url}/metrics").text)
+
+    async def send_all():
+        async with aiohttp.ClientSession() as session:
+
+            async def send(data):
+                form = aiohttp.FormData()
+                form.add_field("file", data, filename="x.jpg")
+                async with session.post(f"{nginx.url}/caption", data=form) as response:
+                    return response.status, await response.json()
+
+            return await asyncio.gather(*(send(d) for d in images))
+
+    results = asyncio.run(send_all())
+    assert [body for _, body in results] == [{"caption": reference.caption(d)} for d in images]
+    after = batch_histogram(httpx.get(f"{server.url}/metrics").text)
+    batches = after["+Inf"] - before.get("+Inf", 0)
+    assert batches < len(images), "16 concurrent requests through nginx should share batches"
+
+
+def test_no_bento_behind_nginx_is_a_json_502(nginx_prefix):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proxy = NginxServer([dead], nginx_prefix).start(ready=None)
+    try:
+        response = httpx.post(f"{proxy.url}/caption", files={"file": ("p.jpg", IMAGE)})
+        assert response.status_code == 502
+        assert response.json() == {"error": "no captioning server is reachable; retry shortly"}
+        assert response.headers["retry-after"] == "5"
+        assert httpx.get(f"{proxy.url}/readyz").status_code == 502
+    finally:
+        proxy.stop()
+
+
+def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
+    env = {"BLIP_MODEL": tiny_model_dir}
+    with BentoServer(env, tmp_path / "a.log") as first, BentoServer(env, tmp_path / "b.log") as second:
+        with NginxServer([first.url, second.url], nginx_prefix) as proxy:
+
+            async def send_all():
+                async with aiohttp.ClientSession() as session:
+
+                    async def send(i):
+                        form = aiohttp.FormData()
+                        form.add_field("file", IMAGE, filename="x.jpg")
+                        async with session.post(f"{proxy.url}/caption", data=form) as response:
+                            return response.status
+
+                    return await asyncio.gather(*(send(i) for i in range(20)))
+
+            assert asyncio.run(send_all()) == [200] * 20
+            upstreams = re.findall(r'"POST /caption HTTP/1.1" 200 .* upstream=(\S+)', proxy.log_text())
+    assert len(upstreams) == 20
+    assert set(upstreams) == {first.url.removeprefix("http://"), second.url.removeprefix("http://")}
