@@ -1,0 +1,36 @@
+"""docker-compose.yml validates against the Compose specification and agrees with nginx/nginx.conf."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_compose_files_follow_the_compose_spec(name):
+    result = subprocess.run(
+        [CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(REPO / name)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_service_names_and_ports_agree_with_nginx():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    nginx = (REPO / "nginx" / "nginx.conf").read_text()
+    host, port = re.search(r"upstream bento \{[^}]*server (\w+):(\d+)", nginx).groups()
+    assert host in compose["services"]
+    assert port in compose["services"][host]["expose"]
+    assert "80:80" in compose["services"]["nginx"]["ports"] and "listen 80;" in nginx
+    assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in compose["services"]["nginx"]["volumes"]
+    assert "/readyz" in " ".join(compose["services"][host]["healthcheck"]["test"])
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+    devices = gpu["services"][host]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
