@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Annotated
 
 import bentoml
@@ -26,18 +25,15 @@ from pydantic import BaseModel
 from blip_serve.errors import BadRequest, Overloaded, Unauthorized
 from blip_serve.http import RequestLogMiddleware, UploadLimitMiddleware, install_error_handlers
 from blip_serve.images import ACCEPTED_TEXT, decode_image
-from blip_serve.model import BlipCaptioner, CaptionJob, load_image_processor, preprocess
+from blip_serve.model import BlipCaptioner, CaptionJob, load_image_processor, model_dir, model_source, preprocess
 from blip_serve.settings import Settings
 
 logger = logging.getLogger("bentoml.blip_serve")
 settings = Settings.from_env()
 
-# A local directory is used as it is; a hub id becomes a BentoML HuggingFaceModel, which
-# `bentoml serve` downloads (or finds in its cache) and `bentoml build` records in the bento.
-if Path(settings.model).is_dir():
-    MODEL_FILES: str | bentoml.models.HuggingFaceModel = settings.model
-else:
-    MODEL_FILES = bentoml.models.HuggingFaceModel(settings.model, exclude=["tf_model.h5", "*.msgpack", "*.onnx"])
+# BLIP's files: a local directory, a hub model (downloaded by BentoML), or the model imported into
+# BentoML's model store, which `bentoml build` packs into the bento (see model_source).
+MODEL_FILES = model_source(settings.model)
 
 
 @bentoml.service(
@@ -51,7 +47,7 @@ class BlipModel:
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
-        self.captioner = BlipCaptioner(self.model_files, settings)
+        self.captioner = BlipCaptioner(model_dir(self.model_files), settings)
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def caption(self, jobs: list[CaptionJob]) -> list[str]:
@@ -85,7 +81,7 @@ class CaptionAPI:
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
-        self.image_processor = load_image_processor(self.model_files)
+        self.image_processor = load_image_processor(model_dir(self.model_files))
 
     @app.post("/caption", response_model=Caption)
     async def caption(

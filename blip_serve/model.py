@@ -15,7 +15,7 @@ from bentoml import IODescriptor
 from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 from transformers.models.blip.modeling_blip import BlipAttention
 
-from .settings import Settings
+from .settings import DEFAULT_MODEL, Settings
 
 logger = logging.getLogger("bentoml.blip_serve")
 
@@ -116,13 +116,33 @@ def apply_precision(model: BlipForConditionalGeneration, precision: str) -> torc
     raise ValueError(f"unknown precision {precision!r}")
 
 
-def resolve_model_dir(source: str) -> str:
-    """A local directory is used as is; anything else is a hub id, fetched (or found in cache)."""
-    if Path(source).is_dir():
-        return source
-    from huggingface_hub import snapshot_download
+STORE_MODEL = "blip-captioning"  # the name `python -m blip_serve.import_model` stores a model under
+HUB_EXCLUDE = ["tf_model.h5", "*.msgpack", "*.onnx"]
 
-    return snapshot_download(source, ignore_patterns=["tf_model.h5", "*.msgpack", "*.onnx"])
+
+def model_source(setting: str):
+    """Where BLIP's files come from, as a BentoML service class attribute:
+
+    - BLIP_MODEL a local directory: that directory (a str);
+    - BLIP_MODEL a hub id: bentoml.models.HuggingFaceModel, downloaded on first use;
+    - BLIP_MODEL unset: the model store's `blip-captioning` (a BentoModel, which `bentoml build`
+      packs into the bento) when there is one, else the hub's Salesforce/blip-image-captioning-base.
+    """
+    import bentoml
+
+    if setting and Path(setting).is_dir():
+        return setting
+    if setting:
+        return bentoml.models.HuggingFaceModel(setting, exclude=HUB_EXCLUDE)
+    try:
+        return bentoml.models.BentoModel(bentoml.models.get(STORE_MODEL).tag)
+    except bentoml.exceptions.NotFound:
+        return bentoml.models.HuggingFaceModel(DEFAULT_MODEL, exclude=HUB_EXCLUDE)
+
+
+def model_dir(resolved) -> str:
+    """The directory behind a resolved model attribute: a path string, or a stored BentoML model."""
+    return str(getattr(resolved, "path", resolved))
 
 
 def load_image_processor(model_dir: str) -> BlipImageProcessor:

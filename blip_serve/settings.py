@@ -13,7 +13,7 @@ DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = DEFAULT_MODEL  # hub id or local directory
+    model: str = ""  # local directory or hub id; empty: the stored model, else DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | hybrid | fp16
     attention: str = "sdpa"  # sdpa | eager

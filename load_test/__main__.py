@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,22 +26,39 @@ from .servers import BaselineServer, BentoServer
 
 
 def sweep(name: str, url: str, images, args) -> list[StepReport]:
+    """Warm the server up once (BentoML's batcher spends its first ~35 requests calibrating at batch
+    sizes 1-3), then one step per concurrency and per open-loop rate."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.warmup:
+        asyncio.run(run_step(name, url, images, "closed", 8, args.warmup, 0, headers))
     steps = []
     for concurrency in args.concurrency:
         total = max(args.requests, concurrency * args.rounds)
-        step = asyncio.run(run_step(name, url, images, "closed", concurrency, total, args.warmup, headers))
-        print(table([step]).splitlines()[1], file=sys.stderr, flush=True)
-        steps.append(step)
+        steps.append(asyncio.run(run_step(name, url, images, "closed", concurrency, total, 0, headers)))
+        print(table(steps[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     for rate in args.rate:
-        step = asyncio.run(run_step(name, url, images, "open", rate, args.requests, args.warmup, headers))
-        print(table([step]).splitlines()[1], file=sys.stderr, flush=True)
-        steps.append(step)
+        steps.append(asyncio.run(run_step(name, url, images, "open", rate, args.requests, 0, headers)))
+        print(table(steps[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     return steps
+
+
+def measure_ceiling(args) -> list[dict]:
+    """The in-process ceiling (load_test.ceiling) in a child process, so its memory goes with it."""
+    out = Path(args.out) / "ceiling.jsonl"
+    out.unlink(missing_ok=True)
+    extra = dict(kv.split("=", 1) for kv in args.bento_env)
+    command = [sys.executable, "-m", "load_test.ceiling", "--model", args.model, "--tokens", str(args.tokens),
+               "--batch-size", "1", extra.get("BLIP_MAX_BATCH_SIZE", "8"), "--json", str(out)]
+    subprocess.run(command, check=True, env={**os.environ, **extra})
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def finish(steps: list[StepReport], args, extra: dict | None = None) -> None:
     print(table(steps))
+    for c in (extra or {}).get("ceiling", []):
+        print(f"in-process ceiling: batch {c['batch_size']}, {c['precision']}, {c['threads']} threads: {c['images_per_s']} img/s")
+    for r in (extra or {}).get("served_over_ceiling", []):
+        print(f"blip-serve at concurrency {r['load']:g}: {r['ratio']:.0%} of the best in-process rate")
     if extra and extra.get("ratios"):
         print("\nblip-serve / baseline:")
         for r in extra["ratios"]:
@@ -61,6 +80,7 @@ def compare(args) -> None:
     env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
     servers = {
         "blip-serve": lambda: BentoServer({**env, **dict(kv.split("=", 1) for kv in args.bento_env)}, out / "blip-serve.log"),
@@ -73,6 +93,12 @@ def compare(args) -> None:
     extra = {"settings": {k: v for k, v in vars(args).items() if k != "func"}}
     if {"blip-serve", "baseline"} <= set(args.servers):
         extra["ratios"] = ratios(steps, "blip-serve", "baseline")
+    if ceiling:
+        best = max(c["images_per_s"] for c in ceiling)
+        extra["ceiling"] = [{k: v for k, v in c.items() if k != "captions"} for c in ceiling]
+        extra["served_over_ceiling"] = [
+            {"load": s.load, "ratio": round(s.throughput / best, 2)} for s in steps if s.server == "blip-serve" and s.mode == "closed"
+        ]
     finish(steps, args, extra)
 
 
@@ -83,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--rate", type=float, nargs="*", default=[], help="open-loop arrival rates (req/s), one step each")
     common.add_argument("--requests", type=int, default=32, help="requests per step (closed loop: at least 2 per client)")
     common.add_argument("--rounds", type=int, default=2, help="closed loop: each client sends at least this many")
-    common.add_argument("--warmup", type=int, default=4, help="requests sent and discarded before each step")
+    common.add_argument("--warmup", type=int, default=40, help="requests sent (8 at a time) and discarded before a server's first step")
     common.add_argument("--images", help="folder of images to send (default: generated 640x480 JPEGs)")
     common.add_argument("--api-key", help="sent as Authorization: Bearer <key>")
     common.add_argument("--out", default="results", help="folder for results.json/.csv/.png")
@@ -100,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     compare_parser.add_argument("--servers", nargs="+", default=["blip-serve", "baseline"], choices=["blip-serve", "baseline"])
     compare_parser.add_argument("--baseline-workers", type=int, default=2)
     compare_parser.add_argument("--bento-env", nargs="*", default=[], metavar="BLIP_X=VALUE", help="extra settings for blip-serve")
+    compare_parser.add_argument("--ceiling", action="store_true", help="first measure the in-process ceiling (load_test.ceiling)")
     compare_parser.set_defaults(func=compare)
 
     args = parser.parse_args(argv)
