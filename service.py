@@ -17,12 +17,13 @@ import asyncio
 import logging
 from typing import Annotated
 
+import aiohttp
 import bentoml
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from pydantic import BaseModel
 
-from blip_serve.errors import BadRequest, Overloaded, Unauthorized
+from blip_serve.errors import BadRequest, Unauthorized, Unavailable
 from blip_serve.http import RequestLogMiddleware, UploadLimitMiddleware, install_error_handlers
 from blip_serve.images import ACCEPTED_TEXT, decode_image
 from blip_serve.model import BlipCaptioner, CaptionJob, load_image_processor, model_dir, model_source, preprocess
@@ -36,10 +37,16 @@ settings = Settings.from_env()
 MODEL_FILES = model_source(settings.model)
 
 
+# BentoML's OpenTelemetry middleware keeps every request's span alive (~5-20 KB a request, a
+# steady RSS climb; BentoML issue #4760). Unless tracing is wanted, no URL is traced.
+TRACING = {} if settings.tracing else {"excluded_urls": "/"}
+
+
 @bentoml.service(
     resources={"gpu": 1},  # takes a GPU where there is one; runs on the CPU where there is none
     workers=1,
     traffic={"timeout": settings.request_timeout_s},
+    tracing=TRACING,
 )
 class BlipModel:
     """Owns BLIP; captions whole batches of preprocessed images."""
@@ -72,7 +79,7 @@ app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
 app.add_middleware(RequestLogMiddleware)  # added last: runs first, so it sees every status
 
 
-@bentoml.service(workers=1, traffic={"timeout": settings.request_timeout_s})
+@bentoml.service(workers=settings.api_workers, traffic={"timeout": settings.request_timeout_s}, tracing=TRACING)
 @bentoml.asgi_app(app, path="/")
 class CaptionAPI:
     """Owns POST /caption: validates and decodes the upload, then awaits a caption from BlipModel."""
@@ -110,17 +117,41 @@ class CaptionAPI:
             max_new_tokens=max_new_tokens or settings.max_new_tokens,
             num_beams=num_beams or 1,
         )
-        try:
-            [text] = await self.blip.to_async.caption([job])
-        except BentoMLException as exc:
-            if exc.error_code == 503:
-                raise Overloaded("the server is at capacity; retry shortly", headers={"Retry-After": "5"}) from None
-            raise
+        text = await self.caption_job(job)
         return Caption(caption=text)
+
+    async def caption_job(self, job: CaptionJob) -> str:
+        """Await BlipModel's batched caption; its failures become 503s the client may retry."""
+        try:
+            try:
+                [text] = await self.blip.to_async.caption([job])
+            except Exception as exc:
+                if not lost_in_connection_pool(exc):
+                    raise
+                [text] = await self.blip.to_async.caption([job])  # once more, on a fresh connection
+        except BentoMLException as exc:
+            if exc.error_code != 503:
+                raise
+            raise Unavailable("the server is at capacity; retry shortly") from None
+        except Exception as exc:
+            if not lost_in_connection_pool(exc):
+                raise
+            # Twice: the model worker is gone, and BentoML's supervisor is starting a new one.
+            raise Unavailable("the captioning model is restarting; retry shortly") from None
+        return text
 
     def decode_and_preprocess(self, data: bytes):
         image = decode_image(data, settings.max_image_pixels)
         return preprocess(self.image_processor, image), f"{image.width}x{image.height}"
+
+
+def lost_in_connection_pool(exc: Exception) -> bool:
+    """A call to BlipModel lost to the connection, not to the model: a keep-alive connection the
+    model server had closed, BentoML's client refreshing its session mid-request (every 100
+    requests; BentoML issues #4971 and #5544), or a model worker that died. Safe to send again."""
+    return isinstance(exc, aiohttp.ClientConnectionError) or (
+        isinstance(exc, RuntimeError) and "Session is closed" in str(exc)
+    )
 
 
 def check_api_key(request: Request) -> None:

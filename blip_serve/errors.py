@@ -31,7 +31,11 @@ class UnsupportedImage(ClientError):
     status_code = 415
 
 
-class Overloaded(ClientError):
-    """Not the client's fault, but theirs to retry: the batch queue cannot meet its latency budget."""
+class Unavailable(ClientError):
+    """Not the client's fault, but theirs to retry: the batch queue cannot meet its latency budget,
+    or the model worker is restarting. Sent with Retry-After."""
 
     status_code = 503
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Retry-After": "5"})

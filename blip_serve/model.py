@@ -193,7 +193,10 @@ class BlipCaptioner:
         return captions
 
     def generate(self, pixels: np.ndarray, prompt: str | None, max_new_tokens: int, num_beams: int) -> list[str]:
-        pixel_values = torch.from_numpy(pixels).to(self.device, self.input_dtype, non_blocking=True)
+        pixel_values = torch.from_numpy(pixels)
+        if self.device == "cuda":  # page-locked memory: the copy to the GPU runs asynchronously
+            pixel_values = pixel_values.pin_memory()
+        pixel_values = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
         prompt_inputs = {}
         if prompt:
             tokens = self.processor.tokenizer([prompt] * len(pixels), return_tensors="pt")

@@ -18,6 +18,7 @@ class Settings:
     precision: str = "auto"  # auto | fp32 | bf16 | hybrid | fp16
     attention: str = "sdpa"  # sdpa | eager
     torch_threads: int = 0  # 0: one per core the model process may use
+    api_workers: int = 1  # API service processes (decode + preprocess); a GPU needs several
     max_batch_size: int = 8
     max_latency_ms: int = 60_000
     max_new_tokens: int = 30
@@ -29,6 +30,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     request_timeout_s: int = 120
     api_key: str = ""  # empty: /caption is open
+    tracing: int = 0  # 1: let BentoML's OpenTelemetry middleware trace requests (it retains spans)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":

@@ -150,7 +150,8 @@ async def run_step(
     """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`."""
     headers = headers or {}
     base_url = url.rsplit("/caption", 1)[0]
-    connector = aiohttp.TCPConnector(limit=0)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout can close them under us.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         if warmup:
             await closed_loop(session, url, images, max(1, int(load)) if mode == "closed" else 1, warmup, headers)

@@ -19,3 +19,10 @@ class ReferenceCaptioner:
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return self.processor.decode(output[0], skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def caption_image(self, image, max_new_tokens: int = 30) -> str:
+        """The reference for an already decoded PIL image (no project code involved)."""
+        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt")
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
+        return self.processor.decode(output[0], skip_special_tokens=True)
