@@ -47,6 +47,9 @@ TRACING = {} if settings.tracing else {"excluded_urls": "/"}
     workers=1,
     traffic={"timeout": settings.request_timeout_s},
     tracing=TRACING,
+    # CaptionAPI's client for this service otherwise closes and reopens its connection pool every
+    # 100 requests, failing the requests in flight (BentoML issues #5540, #5544).
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 7 * 24 * 3600.0},
 )
 class BlipModel:
     """Owns BLIP; captions whole batches of preprocessed images."""

@@ -1,0 +1,31 @@
+"""The container smoke test: hermetic image with buildah, run with podman. Not in the default run
+(minutes, ~2 GB of downloads): `pytest -m container`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from load_test.servers import REPO
+
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.skipif(
+        not all(shutil.which(tool) for tool in ("buildah", "podman", "runc", "debootstrap")) or os.geteuid() != 0,
+        reason="needs root and buildah, podman, runc, debootstrap (apt-get install buildah podman runc debootstrap)",
+    ),
+]
+
+
+def test_container_smoke_script(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    env.pop("BLIP_MODEL", None)
+    result = subprocess.run(["bash", "container/smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    output = result.stdout + result.stderr
+    print(output[-3000:])
+    assert result.returncode == 0, output[-6000:]
+    assert "container smoke: OK" in result.stdout
+    assert "container user: bentoml" in result.stdout
