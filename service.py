@@ -14,7 +14,7 @@ Configuration is read once from BLIP_* environment variables (blip_serve/setting
 from __future__ import annotations
 
 import asyncio
-import logging
+import hmac
 from typing import Annotated
 
 import aiohttp
@@ -29,7 +29,6 @@ from blip_serve.images import ACCEPTED_TEXT, decode_image
 from blip_serve.model import BlipCaptioner, CaptionJob, load_image_processor, model_dir, model_source, preprocess
 from blip_serve.settings import Settings
 
-logger = logging.getLogger("bentoml.blip_serve")
 settings = Settings.from_env()
 
 # BLIP's files: a local directory, a hub model (downloaded by BentoML), or the model imported into
@@ -161,5 +160,6 @@ def check_api_key(request: Request) -> None:
     """With BLIP_API_KEY set, /caption wants `Authorization: Bearer <key>`; health endpoints stay open."""
     if not settings.api_key:
         return
-    if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+    sent = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {settings.api_key}".encode()):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")

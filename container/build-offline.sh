@@ -23,7 +23,7 @@ python - "$work" "$base" <<'PY'
 import sys, yaml, pathlib
 work, base = pathlib.Path(sys.argv[1]), sys.argv[2]
 config = yaml.safe_load(open("bentofile.yaml"))
-config["python"]["wheels"] = sorted(str(p.resolve()) for p in (work / "wheelhouse").glob("*.whl"))
+config["python"]["wheels"] = sorted(str(p) for p in (work / "wheelhouse").glob("*.whl"))  # relative: BentoML wants them so
 config["docker"].update(base_image=base, dockerfile_template="container/Dockerfile.offline.j2")
 config["docker"].pop("python_version", None)  # the base image's Python
 (work / "bentofile.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -32,5 +32,8 @@ bento=$(bentoml build -f "$work/bentofile.yaml" --output tag . | tail -n1 | sed 
 echo "built bento $bento"
 
 # 3. The image: BentoML's Dockerfile with our block, built by buildah.
-bentoml containerize "$bento" --backend buildah -t "$tag"
+# BentoML 1.4 refuses a dockerfile_template outside the working directory, and copies it into a
+# temporary build folder: keep that folder below this one.
+mkdir -p build/tmp
+TMPDIR=$PWD/build/tmp bentoml containerize "$bento" --backend buildah -t "$tag"
 echo "built image $tag"

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export BUILDAH_ISOLATION=chroot
 export CONTAINERS_STORAGE_CONF=${CONTAINERS_STORAGE_CONF:-$PWD/container/storage.conf}
-export BENTOML_HOME=${BENTOML_HOME:-$PWD/build/bentoml-home}   # a model store of its own
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/container/containers.conf}
+export BENTOML_HOME=${BENTOML_HOME:-/var/tmp/blip-serve-smoke/bentoml}   # a model store of its own
 export BENTOML_DO_NOT_TRACK=True
 base=localhost/blip-serve-base:bookworm
 tag=localhost/blip-serve:smoke

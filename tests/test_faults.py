@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from clients import Answer, post_concurrently
 from images import encode, scene
 from load_test.servers import BentoServer
 
@@ -21,16 +22,8 @@ pytestmark = pytest.mark.slow
 IMAGE = encode(scene(3), "PNG")
 
 
-async def send_many(url: str, count: int, timeout_s: float = 120) -> list[tuple[int, str | None, dict]]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-
-        async def send():
-            form = aiohttp.FormData()
-            form.add_field("file", IMAGE, filename="p.png")
-            async with session.post(f"{url}/caption", data=form) as response:
-                return response.status, response.headers.get("Retry-After"), await response.json()
-
-        return await asyncio.gather(*(send() for _ in range(count)))
+def send_many(url: str, count: int) -> list[Answer]:
+    return post_concurrently(f"{url}/caption", [IMAGE] * count)
 
 
 def model_worker(server) -> psutil.Process:
@@ -49,12 +42,12 @@ def slow_server(tiny_model_dir, tmp_path):
 
 def test_200_concurrent_requests_each_get_one_answer(slow_server):
     started = time.monotonic()
-    results = asyncio.run(send_many(slow_server.url, 200))
+    results = send_many(slow_server.url, 200)
     elapsed = time.monotonic() - started
-    statuses = Counter(status for status, _, _ in results)
+    statuses = Counter(a.status for a in results)
     assert len(results) == 200 and set(statuses) <= {200, 503}, statuses
     assert statuses[200] > 0 and statuses[503] > 0, statuses
-    assert all(retry == "5" for status, retry, _ in results if status == 503)
+    assert all(a.retry_after == "5" for a in results if a.status == 503)
     assert elapsed < 120
     print(f"200 concurrent: {dict(statuses)} in {elapsed:.1f} s")
 
@@ -66,24 +59,23 @@ def test_killed_model_worker_is_replaced_and_no_request_hangs(slow_server):
     old_pid = model_worker(slow_server).pid
 
     async def scenario():
-        load = asyncio.create_task(send_many(slow_server.url, 16))
+        load = asyncio.create_task(asyncio.to_thread(send_many, slow_server.url, 16))
         await asyncio.sleep(1.0)  # a batch is being generated, others are queued
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         return killed_at, await load, time.monotonic()
 
     killed_at, results, finished_at = asyncio.run(scenario())
-    statuses = Counter(status for status, _, _ in results)
+    statuses = Counter(a.status for a in results)
     print(f"killed worker {old_pid}: {dict(statuses)}, last answer {finished_at - killed_at:.1f} s after the kill")
     assert len(results) == 16 and set(statuses) <= {200, 503}, statuses
-    assert all(set(body) == {"error"} and retry == "5" for status, retry, body in results if status == 503)
+    assert all(set(a.body) == {"error"} and a.retry_after == "5" for a in results if a.status == 503)
     assert finished_at - killed_at > 1.0, "requests were still held when the worker died"
 
     new_pid = model_worker(slow_server).pid
     assert new_pid != old_pid
     assert httpx.get(f"{slow_server.url}/readyz").status_code == 200
-    after = asyncio.run(send_many(slow_server.url, 3))
-    assert [status for status, _, _ in after] == [200, 200, 200]
+    assert [a.status for a in send_many(slow_server.url, 3)] == [200, 200, 200]
 
 
 def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):

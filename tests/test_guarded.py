@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
-import aiohttp
 import httpx
 import pytest
 
+from clients import post_concurrently
 from images import encode, scene
 from load_test.servers import BentoServer
 
@@ -47,27 +46,16 @@ def test_health_endpoints_stay_open(guarded_server):
 
 
 def test_overload_answers_503_with_retry_after_and_loses_nothing(guarded_server):
-    async def send_all(count: int):
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-
-            async def send():
-                form = aiohttp.FormData()
-                form.add_field("file", IMAGE, filename="p.png")
-                async with session.post(f"{guarded_server.url}/caption", data=form, headers=AUTH) as response:
-                    return response.status, response.headers.get("Retry-After"), await response.json()
-
-            return await asyncio.gather(*(send() for _ in range(count)))
-
-    results = asyncio.run(send_all(40))
-    statuses = Counter(status for status, _, _ in results)
+    answers = post_concurrently(f"{guarded_server.url}/caption", [IMAGE] * 40, headers=AUTH)
+    statuses = Counter(a.status for a in answers)
     assert set(statuses) <= {200, 503}, statuses
     assert statuses[200] >= 1 and statuses[503] >= 1, statuses
-    for status, retry_after, body in results:
-        if status == 503:
-            assert retry_after == "5"
-            assert body == {"error": "the server is at capacity; retry shortly"}
+    for answer in answers:
+        if answer.status == 503:
+            assert answer.retry_after == "5"
+            assert answer.body == {"error": "the server is at capacity; retry shortly"}
         else:
-            assert set(body) == {"caption"}
+            assert set(answer.body) == {"caption"}
     assert httpx.get(f"{guarded_server.url}/readyz").status_code == 200
     response = httpx.post(f"{guarded_server.url}/caption", files={"file": ("p.png", IMAGE)}, headers=AUTH, timeout=60)
     assert response.status_code == 200

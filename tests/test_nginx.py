@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import httpx
 import pytest
 
+from clients import post_concurrently
 from images import encode, scene
 from load_test.servers import BentoServer, NginxServer, free_port
 
@@ -68,19 +67,8 @@ def test_concurrent_requests_through_nginx_still_batch(nginx, server, reference)
     images = [encode(scene(300 + i), "JPEG") for i in range(16)]
     before = batch_histogram(httpx.get(f"{server.url}/metrics").text)
 
-    async def send_all():
-        async with aiohttp.ClientSession() as session:
-
-            async def send(data):
-                form = aiohttp.FormData()
-                form.add_field("file", data, filename="x.jpg")
-                async with session.post(f"{nginx.url}/caption", data=form) as response:
-                    return response.status, await response.json()
-
-            return await asyncio.gather(*(send(d) for d in images))
-
-    results = asyncio.run(send_all())
-    assert [body for _, body in results] == [{"caption": reference.caption(d)} for d in images]
+    answers = post_concurrently(f"{nginx.url}/caption", images)
+    assert [a.body for a in answers] == [{"caption": reference.caption(d)} for d in images]
     after = batch_histogram(httpx.get(f"{server.url}/metrics").text)
     batches = after["+Inf"] - before.get("+Inf", 0)
     assert batches < len(images), "16 concurrent requests through nginx should share batches"
@@ -104,18 +92,8 @@ def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
     with BentoServer(env, tmp_path / "a.log") as first, BentoServer(env, tmp_path / "b.log") as second:
         with NginxServer([first.url, second.url], nginx_prefix) as proxy:
 
-            async def send_all():
-                async with aiohttp.ClientSession() as session:
-
-                    async def send(i):
-                        form = aiohttp.FormData()
-                        form.add_field("file", IMAGE, filename="x.jpg")
-                        async with session.post(f"{proxy.url}/caption", data=form) as response:
-                            return response.status
-
-                    return await asyncio.gather(*(send(i) for i in range(20)))
-
-            assert asyncio.run(send_all()) == [200] * 20
+            answers = post_concurrently(f"{proxy.url}/caption", [IMAGE] * 20)
+            assert [a.status for a in answers] == [200] * 20
             upstreams = re.findall(r'"POST /caption HTTP/1.1" 200 .* upstream=(\S+)', proxy.log_text())
     assert len(upstreams) == 20
     assert set(upstreams) == {first.url.removeprefix("http://"), second.url.removeprefix("http://")}

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from clients import post_concurrently
 from images import encode, scene, upload_corpus
 
 CORPUS = upload_corpus()
@@ -77,20 +78,9 @@ def test_concurrent_requests_are_batched_and_all_correct(server, reference):
     images = [encode(scene(100 + i), "PNG") for i in range(24)]
     before = batch_histogram(httpx.get(f"{server.url}/metrics").text)
 
-    async def send_all() -> list[tuple[int, dict]]:
-        async with aiohttp.ClientSession() as session:
-
-            async def send(data: bytes):
-                form = aiohttp.FormData()
-                form.add_field("file", data, filename="x.png")
-                async with session.post(f"{server.url}/caption", data=form) as response:
-                    return response.status, await response.json()
-
-            return await asyncio.gather(*(send(data) for data in images))
-
-    results = asyncio.run(send_all())
-    assert [status for status, _ in results] == [200] * len(images)
-    assert [body["caption"] for _, body in results] == [reference.caption(data) for data in images]
+    answers = post_concurrently(f"{server.url}/caption", images)
+    assert [a.status for a in answers] == [200] * len(images)
+    assert [a.body["caption"] for a in answers] == [reference.caption(data) for data in images]
 
     after = batch_histogram(httpx.get(f"{server.url}/metrics").text)
     batches = after["+Inf"] - before.get("+Inf", 0)

@@ -1,0 +1,32 @@
+"""The concurrent client the tests share: aiohttp, as users write it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+
+
+@dataclass
+class Answer:
+    status: int
+    retry_after: str | None
+    body: dict
+
+
+def post_concurrently(url: str, images: list[bytes], headers: dict | None = None, timeout_s: float = 120) -> list[Answer]:
+    """POST every image to `url` (…/caption) at once, each as multipart field `file`; answers in order."""
+
+    async def send_all() -> list[Answer]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+            async def send(data: bytes) -> Answer:
+                form = aiohttp.FormData()
+                form.add_field("file", data, filename="upload", content_type="application/octet-stream")
+                async with session.post(url, data=form, headers=headers or {}) as response:
+                    return Answer(response.status, response.headers.get("Retry-After"), await response.json())
+
+            return await asyncio.gather(*(send(data) for data in images))
+
+    return asyncio.run(send_all())
