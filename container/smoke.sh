@@ -42,6 +42,17 @@ echo "$answer" | grep -q '"caption"'
 user=$("${podman[@]}" exec "$name" id -un)
 uid=$("${podman[@]}" exec "$name" id -u)
 [ "$uid" != 0 ] || { echo "the container runs as root" >&2; exit 1; }
+# No network at all: the weights are in the image, so it must still become ready.
+offline=blip-serve-offline-$$
+"${podman[@]}" run -d --rm --name "$offline" --network none "$tag" >/dev/null
+trap '"${podman[@]}" stop -t 5 "$name" "$offline" >/dev/null 2>&1 || true' EXIT
+probe='import urllib.request; urllib.request.urlopen("http://127.0.0.1:3000/readyz", timeout=2)'
+for _ in $(seq 180); do
+    "${podman[@]}" exec "$offline" python -c "$probe" 2>/dev/null && break
+    sleep 1
+done
+"${podman[@]}" exec "$offline" python -c "$probe"
+echo "ready with --network none: yes"
 size=$("${podman[@]}" image inspect --format '{{.Size}}' "$tag")
 echo "container user: $user (uid $uid)"
 echo "image size: $((size / 1024 / 1024)) MB"

@@ -29,3 +29,4 @@ def test_container_smoke_script(tmp_path):
     assert result.returncode == 0, output[-6000:]
     assert "container smoke: OK" in result.stdout
     assert "container user: bentoml" in result.stdout
+    assert "ready with --network none: yes" in result.stdout
