@@ -102,6 +102,10 @@ class ServerProcess:
 def BentoServer(env: dict[str, str], log_path: Path) -> ServerProcess:
     """`bentoml serve` from the repo root (bentofile.yaml names the service), BLIP_* from `env`."""
     port = free_port()
+    # A BentoML home of its own: `bentoml serve` clears its home's Prometheus folder on start,
+    # which would wipe the /metrics of any other server sharing it.
+    home = Path(log_path).parent / f"bentoml-home-{port}"
+    env = {"BENTOML_HOME": str(home), **env}
     return ServerProcess([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(port)], port, env, log_path)
 
 

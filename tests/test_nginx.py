@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 import tempfile
 from pathlib import Path
 
@@ -94,6 +95,11 @@ def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
 
             answers = post_concurrently(f"{proxy.url}/caption", [IMAGE] * 20)
             assert [a.status for a in answers] == [200] * 20
-            upstreams = re.findall(r'"POST /caption HTTP/1.1" 200 .* upstream=(\S+)', proxy.log_text())
+            upstreams = []
+            for _ in range(50):  # nginx writes the access line just after the response
+                upstreams = re.findall(r'"POST /caption HTTP/1.1" 200 .* upstream=(\S+)', proxy.log_text())
+                if len(upstreams) == 20:
+                    break
+                time.sleep(0.1)
     assert len(upstreams) == 20
     assert set(upstreams) == {first.url.removeprefix("http://"), second.url.removeprefix("http://")}
