@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import aiohttp
 import httpx
@@ -16,7 +19,7 @@ import pytest
 
 from clients import Answer, post_concurrently
 from images import encode, scene
-from load_test.servers import BentoServer
+from load_test.servers import BentoServer, NginxServer
 
 pytestmark = pytest.mark.slow
 IMAGE = encode(scene(3), "PNG")
@@ -52,14 +55,12 @@ def test_200_concurrent_requests_each_get_one_answer(slow_server):
     print(f"200 concurrent: {dict(statuses)} in {elapsed:.1f} s")
 
 
-def test_killed_model_worker_is_replaced_and_no_request_hangs(slow_server):
-    """SIGKILL the model worker with requests queued and in flight. BentoML's supervisor starts a
-    new one on the same listening socket; the API service retries a request whose connection
-    dropped once, so held requests are answered by the new worker, or get a JSON 503 - never a hang."""
-    old_pid = model_worker(slow_server).pid
+def kill_model_worker_under_load(server, url: str, count: int = 16):
+    """SIGKILL the model worker while `count` requests to `url` are queued or in flight."""
+    old_pid = model_worker(server).pid
 
     async def scenario():
-        load = asyncio.create_task(asyncio.to_thread(send_many, slow_server.url, 16))
+        load = asyncio.create_task(asyncio.to_thread(post_concurrently, f"{url}/caption", [IMAGE] * count))
         await asyncio.sleep(1.0)  # a batch is being generated, others are queued
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
@@ -68,14 +69,31 @@ def test_killed_model_worker_is_replaced_and_no_request_hangs(slow_server):
     killed_at, results, finished_at = asyncio.run(scenario())
     statuses = Counter(a.status for a in results)
     print(f"killed worker {old_pid}: {dict(statuses)}, last answer {finished_at - killed_at:.1f} s after the kill")
-    assert len(results) == 16 and set(statuses) <= {200, 503}, statuses
+    assert len(results) == count and set(statuses) <= {200, 503}, statuses
     assert all(set(a.body) == {"error"} and a.retry_after == "5" for a in results if a.status == 503)
     assert finished_at - killed_at > 1.0, "requests were still held when the worker died"
+    assert model_worker(server).pid != old_pid
 
-    new_pid = model_worker(slow_server).pid
-    assert new_pid != old_pid
+
+def test_killed_model_worker_is_replaced_and_no_request_hangs(slow_server):
+    """BentoML's supervisor starts a new model worker on the same listening socket; the API service
+    sends a request whose connection dropped once more, so held requests are answered by the new
+    worker, or get a JSON 503 - never a hang."""
+    kill_model_worker_under_load(slow_server, slow_server.url)
     assert httpx.get(f"{slow_server.url}/readyz").status_code == 200
     assert [a.status for a in send_many(slow_server.url, 3)] == [200, 200, 200]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
+def test_killed_model_worker_through_nginx(slow_server):
+    prefix = Path(tempfile.mkdtemp(prefix="blip-nginx-"))
+    try:
+        with NginxServer([slow_server.url], prefix) as proxy:
+            kill_model_worker_under_load(slow_server, proxy.url)
+            assert httpx.get(f"{proxy.url}/readyz").status_code == 200
+            assert [a.status for a in send_many(proxy.url, 3)] == [200, 200, 200]
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):

@@ -4,7 +4,6 @@ caption where it is a valid image); afterwards the server is ready and its memor
 from __future__ import annotations
 
 import io
-import socket
 
 import httpx
 import psutil
