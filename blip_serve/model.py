@@ -83,14 +83,11 @@ def sdpa_attention_forward(self: BlipAttention, hidden_states: torch.Tensor, **k
     return self.projection(context), None
 
 
-def use_sdpa_attention(model: torch.nn.Module) -> int:
-    """Point every BlipAttention in `model` at the SDPA forward; returns how many were changed."""
-    changed = 0
+def use_sdpa_attention(model: torch.nn.Module) -> None:
+    """Point every BlipAttention in `model` at the SDPA forward."""
     for module in model.modules():
         if isinstance(module, BlipAttention):
             module.forward = types.MethodType(sdpa_attention_forward, module)
-            changed += 1
-    return changed
 
 
 def apply_precision(model: BlipForConditionalGeneration, precision: str) -> torch.dtype:
@@ -174,7 +171,7 @@ class BlipCaptioner:
         self.min_new_tokens = settings.min_new_tokens
         logger.info(
             "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d",
-            model_dir, self.device, self.precision, settings.attention, torch.get_num_threads(),
+            model_dir, self.device, self.precision, settings.attention, self.threads,
         )
 
     @torch.inference_mode()

@@ -106,18 +106,11 @@ async def open_loop(session, url, images, rate: float, total: int, headers: dict
     return list(await asyncio.gather(*tasks))
 
 
-async def read_batch_histogram(session, base_url: str) -> dict[str, float]:
-    """The bentoml_service_adaptive_batch_size histogram: {"le=<bound>": cumulative batches, ...,
-    "sum": images, "count": batches}; {} when the server is not a BentoML one."""
-    try:
-        async with session.get(f"{base_url}/metrics") as response:
-            if response.status != 200:
-                return {}
-            text = await response.text()
-    except aiohttp.ClientError:
-        return {}
+def parse_batch_histogram(metrics_text: str) -> dict[str, float]:
+    """The bentoml_service_adaptive_batch_size histogram in a /metrics page: {"le=<bound>":
+    cumulative batches, ..., "sum": images, "count": batches}, summed over label sets."""
     histogram: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in metrics_text.splitlines():
         match = re.match(r'bentoml_service_adaptive_batch_size_(bucket|sum|count)\{([^}]*)\} (\S+)', line)
         if not match:
             continue
@@ -125,6 +118,17 @@ async def read_batch_histogram(session, base_url: str) -> dict[str, float]:
         key = "le=" + re.search(r'le="([^"]+)"', labels).group(1) if kind == "bucket" else kind
         histogram[key] = histogram.get(key, 0.0) + float(value)
     return histogram
+
+
+async def read_batch_histogram(session, base_url: str) -> dict[str, float]:
+    """parse_batch_histogram of the server's /metrics; {} when the server is not a BentoML one."""
+    try:
+        async with session.get(f"{base_url}/metrics") as response:
+            if response.status != 200:
+                return {}
+            return parse_batch_histogram(await response.text())
+    except aiohttp.ClientError:
+        return {}
 
 
 def batch_distribution(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, float], float | None]:

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from blip_serve.tiny_model import make_blip
@@ -24,3 +28,12 @@ def reference(tiny_model_dir):
     from reference import ReferenceCaptioner
 
     return ReferenceCaptioner(tiny_model_dir)
+
+
+@pytest.fixture
+def nginx_prefix():
+    """A folder for one nginx run. Not pytest's tmp_path: its folders are root-only, and nginx's
+    workers run as nobody."""
+    prefix = Path(tempfile.mkdtemp(prefix="blip-nginx-"))
+    yield prefix
+    shutil.rmtree(prefix, ignore_errors=True)

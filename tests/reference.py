@@ -13,16 +13,13 @@ class ReferenceCaptioner:
         self.processor = BlipProcessor.from_pretrained(model_dir)
         self.model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
 
-    @torch.inference_mode()
     def caption(self, data: bytes, prompt: str | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:
-        image = decode_image(data, max_pixels=40_000_000)
-        inputs = self.processor(images=image, text=prompt, return_tensors="pt")
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
-        return self.processor.decode(output[0], skip_special_tokens=True)
+        """The reference for uploaded bytes, decoded to RGB the way the server does it."""
+        return self.caption_image(decode_image(data, max_pixels=40_000_000), prompt, max_new_tokens, num_beams)
 
     @torch.inference_mode()
-    def caption_image(self, image, max_new_tokens: int = 30) -> str:
-        """The reference for an already decoded PIL image (no project code involved)."""
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt")
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
+    def caption_image(self, image, prompt: str | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:
+        """The reference for a PIL image: BlipProcessor, then one `generate` on it alone."""
+        inputs = self.processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return self.processor.decode(output[0], skip_special_tokens=True)

@@ -7,18 +7,16 @@ import asyncio
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
-import aiohttp
 import httpx
 import psutil
 import pytest
 
 from clients import Answer, post_concurrently
 from images import encode, scene
+from load_test.client import run_step
 from load_test.servers import BentoServer, NginxServer
 
 pytestmark = pytest.mark.slow
@@ -85,15 +83,11 @@ def test_killed_model_worker_is_replaced_and_no_request_hangs(slow_server):
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
-def test_killed_model_worker_through_nginx(slow_server):
-    prefix = Path(tempfile.mkdtemp(prefix="blip-nginx-"))
-    try:
-        with NginxServer([slow_server.url], prefix) as proxy:
-            kill_model_worker_under_load(slow_server, proxy.url)
-            assert httpx.get(f"{proxy.url}/readyz").status_code == 200
-            assert [a.status for a in send_many(proxy.url, 3)] == [200, 200, 200]
-    finally:
-        shutil.rmtree(prefix, ignore_errors=True)
+def test_killed_model_worker_through_nginx(slow_server, nginx_prefix):
+    with NginxServer([slow_server.url], nginx_prefix) as proxy:
+        kill_model_worker_under_load(slow_server, proxy.url)
+        assert httpx.get(f"{proxy.url}/readyz").status_code == 200
+        assert [a.status for a in send_many(proxy.url, 3)] == [200, 200, 200]
 
 
 def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
@@ -104,27 +98,14 @@ def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
         def rss() -> dict[int, int]:
             return {p.pid: p.memory_info().rss for p in processes}
 
-        async def soak(total: int):
-            async with aiohttp.ClientSession() as session:
-                sent = 0
+        def soak(total: int) -> dict[str, int]:
+            """`total` requests from 8 clients in a closed loop (the load test's); counts by status."""
+            step = run_step("soak", f"{server.url}/caption", [("p.png", IMAGE)], "closed", 8, total, 0, show_progress=False)
+            return asyncio.run(step).statuses
 
-                async def client():
-                    nonlocal sent
-                    statuses = []
-                    while sent < total:
-                        sent += 1
-                        form = aiohttp.FormData()
-                        form.add_field("file", IMAGE, filename="p.png")
-                        async with session.post(f"{server.url}/caption", data=form) as response:
-                            await response.read()
-                            statuses.append(response.status)
-                    return statuses
-
-                return [s for statuses in await asyncio.gather(*(client() for _ in range(8))) for s in statuses]
-
-        assert set(asyncio.run(soak(300))) == {200}  # warm-up
+        assert soak(300) == {"200": 300}  # warm-up
         before = rss()
-        assert set(asyncio.run(soak(2000))) == {200}
+        assert soak(2000) == {"200": 2000}
         after = rss()
     growth = {pid: after[pid] / before[pid] - 1 for pid in before}
     print("soak RSS growth per process: " + ", ".join(f"{before[p] >> 20}->{after[p] >> 20} MB" for p in before))

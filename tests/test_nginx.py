@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import time
-import tempfile
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,14 +16,6 @@ from load_test.servers import BentoServer, NginxServer, free_port
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
 
 IMAGE = encode(scene(7), "JPEG")
-
-
-@pytest.fixture
-def nginx_prefix():
-    # Not pytest's tmp_path: its folders are root-only, and nginx's workers run as nobody.
-    prefix = Path(tempfile.mkdtemp(prefix="blip-nginx-"))
-    yield prefix
-    shutil.rmtree(prefix, ignore_errors=True)
 
 
 @pytest.fixture
@@ -66,12 +56,12 @@ def test_concurrent_requests_through_nginx_still_batch(nginx, server, reference)
     from test_service import batch_histogram
 
     images = [encode(scene(300 + i), "JPEG") for i in range(16)]
-    before = batch_histogram(httpx.get(f"{server.url}/metrics").text)
+    before = batch_histogram(server)
 
     answers = post_concurrently(f"{nginx.url}/caption", images)
     assert [a.body for a in answers] == [{"caption": reference.caption(d)} for d in images]
-    after = batch_histogram(httpx.get(f"{server.url}/metrics").text)
-    batches = after["+Inf"] - before.get("+Inf", 0)
+    after = batch_histogram(server)
+    batches = after["le=+Inf"] - before.get("le=+Inf", 0)
     assert batches < len(images), "16 concurrent requests through nginx should share batches"
 
 

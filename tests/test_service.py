@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import threading
 import time
@@ -15,6 +14,7 @@ from PIL import Image
 
 from clients import post_concurrently
 from images import encode, scene, upload_corpus
+from load_test.client import parse_batch_histogram
 
 CORPUS = upload_corpus()
 
@@ -64,27 +64,21 @@ def test_prompt_and_generation_options(server, reference):
     assert caption == reference.caption(data, prompt="a photography of", max_new_tokens=6, num_beams=2)
 
 
-def batch_histogram(metrics_text: str) -> dict[str, float]:
-    """bentoml_service_adaptive_batch_size buckets of the caption API: le -> cumulative count."""
-    buckets = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'method_name="caption"' in line:
-            le = re.search(r'le="([^"]+)"', line).group(1)
-            buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
-    return buckets
+def batch_histogram(server) -> dict[str, float]:
+    return parse_batch_histogram(httpx.get(f"{server.url}/metrics").text)
 
 
 def test_concurrent_requests_are_batched_and_all_correct(server, reference):
     images = [encode(scene(100 + i), "PNG") for i in range(24)]
-    before = batch_histogram(httpx.get(f"{server.url}/metrics").text)
+    before = batch_histogram(server)
 
     answers = post_concurrently(f"{server.url}/caption", images)
     assert [a.status for a in answers] == [200] * len(images)
     assert [a.body["caption"] for a in answers] == [reference.caption(data) for data in images]
 
-    after = batch_histogram(httpx.get(f"{server.url}/metrics").text)
-    batches = after["+Inf"] - before.get("+Inf", 0)
-    single = after["1.0"] - before.get("1.0", 0)
+    after = batch_histogram(server)
+    batches = after["le=+Inf"] - before.get("le=+Inf", 0)
+    single = after["le=1.0"] - before.get("le=1.0", 0)
     assert 0 < batches < len(images), "24 concurrent requests should have shared batches"
     assert batches - single >= 1, "at least one batch held more than one image"
 
