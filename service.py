@@ -2,43 +2,62 @@
 
 The request path, top to bottom:
 
-    POST /caption (multipart field "file")                     CaptionAPI, async, one per request
-      -> decode_image: bytes -> upright RGB image, or a 4xx     blip_serve/images.py
-      -> preprocess: image -> (3, 384, 384) float32 array       blip_serve/model.py
-      -> BlipModel.caption: adaptive batch -> one generate      BlipModel, one process owning the model
-      -> {"caption": "..."}
+    POST /caption (multipart field "file")                      CaptionAPI.post_caption, async
+      -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/text_limits.py
+      -> prepare_image: bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/images.py
+      -> BlipModelService.caption_batch: adaptive batch, one generate  blip_serve/model.py
+      -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/http.py
 
-Configuration is read once from BLIP_* environment variables (blip_serve/settings.py, README table).
+CaptionAPI's processes never import torch; BlipModelService's one process owns BLIP. Settings are
+read once from BLIP_* environment variables (blip_serve/settings.py, README table).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
-import aiohttp
 import bentoml
-from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from pydantic import BaseModel
 
-from blip_serve.errors import BadRequest, Unauthorized, Unavailable
-from blip_serve.http import RequestLogMiddleware, UploadLimitMiddleware, install_error_handlers
-from blip_serve.images import ACCEPTED_TEXT, decode_image
-from blip_serve.model import BlipCaptioner, CaptionJob, load_image_processor, model_dir, model_source, preprocess
-from blip_serve.settings import Settings
+from blip_serve import server_patches
+from blip_serve.errors import BadRequest, ServiceError, Unauthorized
+from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
+from blip_serve.images import (
+    ACCEPTED_TEXT,
+    LARGE_IMAGE_PIXELS,
+    ImageLimits,
+    ResizeSpec,
+    declared_pixels,
+    lower_thread_priority,
+    prepare_image,
+    return_freed_memory_to_os,
+)
+from blip_serve.jobs import CaptionJob, CaptionResult
+from blip_serve.model_client import caption_jobs
+from blip_serve.model_files import model_dir, model_source
+from blip_serve.settings import load_settings
+from blip_serve.text_limits import TextLimits
 
-settings = Settings.from_env()
+settings = load_settings()  # a bad BLIP_* value stops the server here, with one line
 
-# BLIP's files: a local directory, a hub model (downloaded by BentoML), or the model imported into
-# BentoML's model store, which `bentoml build` packs into the bento (see model_source).
+# BLIP's files: a local directory, a hub model (downloaded when the server starts), or the model
+# imported into BentoML's model store, which `bentoml build` packs into the bento.
 MODEL_FILES = model_source(settings.model)
-
 
 # BentoML's OpenTelemetry middleware keeps every request's span alive (~5-20 KB a request, a
 # steady RSS climb; BentoML issue #4760). Unless tracing is wanted, no URL is traced.
 TRACING = {} if settings.tracing else {"excluded_urls": "/"}
+# One access-log line per request: the project's (RequestLog), not BentoML's as well.
+LOGGING = {"access": {"enabled": False}}
+
+server_patches.bound_metric_labels()
+server_patches.time_out_silent_connections(settings.header_timeout_s)
 
 
 @bentoml.service(
@@ -46,114 +65,124 @@ TRACING = {} if settings.tracing else {"excluded_urls": "/"}
     workers=1,
     traffic={"timeout": settings.request_timeout_s},
     tracing=TRACING,
+    logging=LOGGING,
     # CaptionAPI's client for this service otherwise closes and reopens its connection pool every
     # 100 requests, failing the requests in flight (BentoML issues #5540, #5544).
     runner_connection={"max_requests": 2**31 - 1, "max_age": 7 * 24 * 3600.0},
 )
-class BlipModel:
-    """Owns BLIP; captions whole batches of preprocessed images."""
+class BlipModelService:
+    """Owns BLIP in one process; captions whole batches of prepared images."""
 
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
+        from blip_serve.model import BlipCaptioner  # torch and BLIP load in this process only
+
         self.captioner = BlipCaptioner(model_dir(self.model_files), settings)
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
-    def caption(self, jobs: list[CaptionJob]) -> list[str]:
-        return self.captioner.caption(jobs)
+    def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
+        return self.captioner.caption_batch(jobs)
 
 
-class Caption(BaseModel):
+class CaptionResponse(BaseModel):
     caption: str
 
 
-class ErrorBody(BaseModel):
+class ErrorResponse(BaseModel):
     error: str
 
 
 app = FastAPI(
     title="blip-serve",
-    description="Image captioning with BLIP. Every error is a JSON object {\"error\": \"...\"}.",
-    responses={status: {"model": ErrorBody} for status in (400, 401, 413, 415, 500, 503)},
+    description='Image captioning with BLIP. Every error is a JSON object {"error": "..."}.',
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 500, 503, 504)},
 )
 install_error_handlers(app)
-app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
-app.add_middleware(RequestLogMiddleware)  # added last: runs first, so it sees every status
 
 
-@bentoml.service(workers=settings.api_workers, traffic={"timeout": settings.request_timeout_s}, tracing=TRACING)
+@bentoml.service(
+    workers=settings.api_workers,
+    # BentoML's own timeout is a backstop: RequestGuard answers first, as JSON, with the request id.
+    traffic={"timeout": settings.request_timeout_s + 10},
+    tracing=TRACING,
+    logging=LOGGING,
+)
 @bentoml.asgi_app(app, path="/")
 class CaptionAPI:
-    """Owns POST /caption: validates and decodes the upload, then awaits a caption from BlipModel."""
+    """Owns POST /caption: checks the request, prepares the image, awaits BlipModelService."""
 
-    blip = bentoml.depends(BlipModel)
+    model = bentoml.depends(BlipModelService)
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
-        self.image_processor = load_image_processor(model_dir(self.model_files))
+        files = model_dir(self.model_files)
+        self.resize = ResizeSpec.from_model_dir(files)
+        self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
+        self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
+        # Large uploads take turns in a few low-priority threads: N of them at once cost a few
+        # decodes' memory, not N, and they yield the cores to the model and to small uploads,
+        # which skip the queue.
+        slots = settings.max_concurrent_decodes or max(1, len(os.sched_getaffinity(0)) // 2)
+        self.large_decodes = ThreadPoolExecutor(slots, "large-decode", initializer=lower_thread_priority)
+        return_freed_memory_to_os()
 
-    @app.post("/caption", response_model=Caption)
-    async def caption(
+    @app.post("/caption", response_model=CaptionResponse)
+    async def post_caption(
         self,
         request: Request,
         file: Annotated[UploadFile, File(description=f"the image: {ACCEPTED_TEXT}")],
         prompt: Annotated[
             str | None,
-            Form(max_length=settings.max_prompt_chars, description='text for BLIP to continue, e.g. "a photography of"'),
+            Form(
+                max_length=settings.max_prompt_chars, description='text for BLIP to continue, e.g. "a photography of"'
+            ),
         ] = None,
         max_new_tokens: Annotated[
             int | None, Form(ge=1, le=settings.max_new_tokens_limit, description="caption length cap in tokens")
         ] = None,
         num_beams: Annotated[int | None, Form(ge=1, le=settings.max_beams, description="beam search width")] = None,
-    ) -> Caption:
+    ) -> CaptionResponse:
         check_api_key(request)
         if len((await request.form()).getlist("file")) > 1:
             raise BadRequest("send exactly one 'file' part; this request has several")
+        job_prompt = (prompt or "").strip() or None
+        job_tokens = max_new_tokens or settings.max_new_tokens
+        self.text_limits.check(job_prompt, job_tokens)  # before the queue: a bad job never joins a batch
+
         data = await file.read()
-        # Pillow and the image processor are CPU work: keep them off the event loop.
-        pixel_values, size = await asyncio.to_thread(self.decode_and_preprocess, data)
-        request.state.image_size = size
-        job = CaptionJob(
-            pixel_values=pixel_values,
-            prompt=(prompt or "").strip() or None,
-            max_new_tokens=max_new_tokens or settings.max_new_tokens,
-            num_beams=num_beams or 1,
+        started = time.perf_counter()
+        if declared_pixels(data) > LARGE_IMAGE_PIXELS:
+            decoding = asyncio.get_running_loop().run_in_executor(
+                self.large_decodes, prepare_image, data, self.image_limits, self.resize
+            )
+        else:  # Pillow is CPU work: off the event loop either way
+            decoding = asyncio.to_thread(prepare_image, data, self.image_limits, self.resize)
+        image = await decoding
+        decoded = time.perf_counter()
+
+        job = CaptionJob(pixels=image.pixels, prompt=job_prompt, max_new_tokens=job_tokens, num_beams=num_beams or 1)
+        [result] = await caption_jobs(self.model.to_async.caption_batch, [job])
+        log_fields(request).update(
+            image=f"{image.width}x{image.height}",
+            decode_ms=f"{(decoded - started) * 1000:.1f}",
+            model_ms=f"{(time.perf_counter() - decoded) * 1000:.1f}",
         )
-        text = await self.caption_job(job)
-        return Caption(caption=text)
-
-    async def caption_job(self, job: CaptionJob) -> str:
-        """Await BlipModel's batched caption; its failures become 503s the client may retry."""
-        try:
-            try:
-                [text] = await self.blip.to_async.caption([job])
-            except Exception as exc:
-                if not lost_in_connection_pool(exc):
-                    raise
-                [text] = await self.blip.to_async.caption([job])  # once more, on a fresh connection
-        except BentoMLException as exc:
-            if exc.error_code != 503:
-                raise
-            raise Unavailable("the server is at capacity; retry shortly") from None
-        except Exception as exc:
-            if not lost_in_connection_pool(exc):
-                raise
-            # Twice: the model worker is gone, and BentoML's supervisor is starting a new one.
-            raise Unavailable("the captioning model is restarting; retry shortly") from None
-        return text
-
-    def decode_and_preprocess(self, data: bytes):
-        image = decode_image(data, settings.max_image_pixels)
-        return preprocess(self.image_processor, image), f"{image.width}x{image.height}"
+        if result.status != 200:
+            raise ServiceError(result.error, status_code=result.status)
+        return CaptionResponse(caption=result.caption)
 
 
-def lost_in_connection_pool(exc: Exception) -> bool:
-    """A call to BlipModel lost to the connection, not to the model: a keep-alive connection the
-    model server had closed, BentoML's client refreshing its session mid-request (every 100
-    requests; BentoML issues #4971 and #5544), or a model worker that died. Safe to send again."""
-    return isinstance(exc, aiohttp.ClientConnectionError) or (
-        isinstance(exc, RuntimeError) and "Session is closed" in str(exc)
-    )
+app.add_middleware(
+    RequestGuard,
+    max_bytes=settings.max_upload_bytes,
+    body_timeout_s=settings.body_timeout_s,
+    request_timeout_s=settings.request_timeout_s,
+)
+# Around every path, BentoML's own (/readyz, /metrics ...) too: RequestLog outermost, so it logs the
+# status JsonErrors sends.
+CaptionAPI.add_asgi_middleware(RequestLog)
+CaptionAPI.add_asgi_middleware(JsonErrors)
 
 
 def check_api_key(request: Request) -> None:

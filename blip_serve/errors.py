@@ -1,18 +1,26 @@
-"""The errors a client can cause, each with its HTTP status; `service.py` renders them as
-`{"error": message}` in one place."""
+"""The errors a request can end in, each with its HTTP status; `blip_serve/http.py` renders every
+one as `{"error": message}` in one place."""
 
 from __future__ import annotations
 
 
-class ClientError(Exception):
-    """A request the server will not caption; the message says what is wrong and what works."""
+class ServiceError(Exception):
+    """An answer other than a caption. The message says what happened and what the client can do."""
 
-    status_code = 400
+    status_code = 500
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, headers: dict[str, str] | None = None, status_code: int | None = None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class ClientError(ServiceError):
+    """The request itself is the problem: sending it again unchanged gets the same answer."""
+
+    status_code = 400
 
 
 class BadRequest(ClientError):
@@ -23,6 +31,14 @@ class Unauthorized(ClientError):
     status_code = 401
 
 
+class NotFound(ClientError):
+    status_code = 404
+
+
+class RequestTimeout(ClientError):
+    status_code = 408
+
+
 class PayloadTooLarge(ClientError):
     status_code = 413
 
@@ -31,7 +47,7 @@ class UnsupportedImage(ClientError):
     status_code = 415
 
 
-class Unavailable(ClientError):
+class Unavailable(ServiceError):
     """Not the client's fault, but theirs to retry: the batch queue cannot meet its latency budget,
     or the model worker is restarting. Sent with Retry-After."""
 

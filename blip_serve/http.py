@@ -1,10 +1,13 @@
-"""HTTP plumbing for the API service: error rendering, the upload size limit, request logs."""
+"""HTTP plumbing of the API service: errors rendered in one place, what a request may cost (body
+size, body time, total time), and one access-log line per request with its X-Request-ID."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,23 +15,28 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ClientError
+from .errors import ServiceError
 
 logger = logging.getLogger("bentoml.blip_serve")  # under "bentoml": BentoML's log handlers and format
 
 FIELD_HINTS = {
     "file": "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)",
 }
+HTTP_HINTS = {
+    404: "no such path; the API is POST /caption (see /docs.json)",
+    405: "method not allowed here; send POST /caption",
+}
+QUIET_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")  # probes and scrapes: not logged
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def validation_message(exc: RequestValidationError) -> str:
+def validation_message(errors: list[dict]) -> str:
     """pydantic's error list -> one sentence per bad field, naming the field and the fix."""
     parts = []
-    for error in exc.errors():
+    for error in errors:
         location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query")]
         field = ".".join(location) or "request"
         if error.get("type") == "missing":
@@ -43,79 +51,100 @@ def validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as {"error": "..."}: one place, one shape."""
 
-    @app.exception_handler(ClientError)
-    async def client_error(request: Request, exc: ClientError) -> JSONResponse:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc.status_code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, validation_message(exc))
+        return error_response(400, validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        message = HTTP_HINTS.get(exc.status_code) or str(exc.detail)
+        return error_response(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error for request %s", getattr(request.state, "request_id", "-"))
+        logger.exception("unexpected error for request %s", request.scope.get("state", {}).get("request_id", "-"))
         return error_response(500, "internal error: the server failed to caption this image; see its log")
 
 
-class UploadLimitMiddleware:
-    """Answer 413 once a request body passes `max_bytes`, whether or not it declared its length,
-    before the whole body is buffered."""
+class RequestGuard:
+    """What one request may hold: a body of at most `max_bytes` (413, whether or not it declared its
+    length, before the whole body is buffered), all of it within `body_timeout_s` (408), and an
+    answer within `request_timeout_s` (504). Each error is JSON and goes through the request log."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float, request_timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+        self.request_timeout_s = request_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit_text = f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MB"
+        too_large = f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MB"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(413, limit_text)(scope, receive, send)
+            return await error_response(413, too_large)(scope, receive, send)
 
         received = 0
-        too_large = False
-        replaced = False
+        body_done = False
+        body_deadline = time.monotonic() + self.body_timeout_s
+        refusal: JSONResponse | None = None  # set once the body broke a limit
+        started = False
 
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, refusal, body_done
+            if body_done:  # later reads only wait for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
+            except TimeoutError:
+                refusal = error_response(
+                    408, f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster or smaller"
+                )
+                raise BodyRefused() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    too_large = True
-                    raise BodyTooLarge()
+                    refusal = error_response(413, too_large)
+                    raise BodyRefused()
             return message
 
-        async def replacing_send(message: Message) -> None:
-            # Whatever the app answers after the limit was hit (FastAPI turns the read error into
-            # a 400), the client gets the 413.
-            nonlocal replaced
-            if too_large:
-                if not replaced:
-                    replaced = True
-                    await error_response(413, limit_text)(scope, receive, send)
+        async def guarded_send(message: Message) -> None:
+            # Whatever the app answers once the body broke a limit (FastAPI turns the read error
+            # into a 400), the client gets the refusal instead.
+            nonlocal started
+            if refusal is not None:
                 return
+            if message["type"] == "http.response.start":
+                started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, replacing_send)
-        except BodyTooLarge:
+            await asyncio.wait_for(self.app(scope, guarded_receive, guarded_send), self.request_timeout_s)
+        except BodyRefused:
             pass
-        if too_large and not replaced:
-            await error_response(413, limit_text)(scope, receive, send)
+        except TimeoutError:
+            if not started:
+                await error_response(504, f"no caption within {self.request_timeout_s:g} s; retry later")(
+                    scope, receive, send
+                )
+            return
+        if refusal is not None and not started:
+            await refusal(scope, receive, send)
 
 
-class BodyTooLarge(Exception):
+class BodyRefused(Exception):
     pass
 
 
-class RequestLogMiddleware:
-    """One log line per request (id, image size, status, latency) and an X-Request-ID header."""
+class RequestLog:
+    """One log line per request (id, method, path, status sent, latency, and what the route noted
+    with `log_fields`) and an X-Request-ID header on every response."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -124,10 +153,13 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        sent_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = "".join(c for c in sent_id[:128] if c.isprintable()) or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["log_fields"] = fields = {}
         started = time.perf_counter()
-        status = 500
+        status = None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -139,9 +171,50 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            image_size = scope["state"].get("image_size", "-")
-            logger.info(
-                "request_id=%s method=%s path=%s image=%s status=%d latency_ms=%.1f",
-                request_id, scope.get("method"), scope.get("path"), image_size, status,
-                (time.perf_counter() - started) * 1000,
-            )
+            if not scope.get("path", "").startswith(QUIET_PATHS) or (status or 500) >= 400:
+                extra = "".join(f" {key}={value}" for key, value in fields.items())
+                logger.info(
+                    "request_id=%s method=%s path=%s status=%s latency_ms=%.1f%s",
+                    request_id,
+                    scope.get("method"),
+                    scope.get("path", "")[:200],
+                    status if status is not None else "none(disconnected)",
+                    (time.perf_counter() - started) * 1000,
+                    extra,
+                )
+
+
+class JsonErrors:
+    """Errors that BentoML's own router answers in plain text (an unknown path, a wrong method on
+    /readyz ...) leave in the contract's shape too: {"error": "..."} with the same status."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        replacing = False
+
+        async def send_json_errors(message: Message) -> None:
+            nonlocal replacing
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
+                    replacing = True
+                    text = HTTP_HINTS.get(message["status"]) or HTTPStatus(message["status"]).phrase
+                    kept = {k: v for k, v in headers.items() if k.lower() in (b"allow", b"retry-after")}
+                    response = error_response(
+                        message["status"], text, {k.decode(): v.decode() for k, v in kept.items()}
+                    )
+                    await response(scope, receive, send)
+                    return
+            if not replacing:
+                await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+
+def log_fields(request: Request) -> dict:
+    """Fields for this request's access-log line: `log_fields(request)["image"] = "640x480"`."""
+    return request.scope.setdefault("state", {}).setdefault("log_fields", {})

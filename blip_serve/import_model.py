@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bentoml
 
-from .model import STORE_MODEL
+from .model_files import STORE_MODEL
 
 
 def import_model(source: str | Path, name: str = STORE_MODEL) -> bentoml.Model:

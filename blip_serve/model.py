@@ -1,37 +1,31 @@
-"""Load BLIP and caption batches of preprocessed images: the model service's whole job."""
+"""The model process: load BLIP on its device and caption batches of CaptionJobs.
+
+Only this process imports torch and BLIP's modeling code. It finishes BLIP's preprocessing (rescale
+and normalize of the API's uint8 arrays, as transformers does them) on the device, and answers each
+job on its own: a job that fails does not fail the others in its batch.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import types
-from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bentoml import IODescriptor
-from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+from transformers import BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.modeling_blip import BlipAttention
 
-from .settings import DEFAULT_MODEL, Settings
+from .images import image_processor_config
+from .jobs import CaptionJob, CaptionResult, group_jobs
+from .settings import Settings
 
 logger = logging.getLogger("bentoml.blip_serve")
 
-PRECISIONS = ("auto", "fp32", "bf16", "hybrid", "fp16")
 
-
-class CaptionJob(IODescriptor):
-    """One image's share of a batch, as the API service sends it to the model service.
-
-    An IODescriptor (a pydantic model BentoML knows) so that the numpy array field validates.
-    """
-
-    pixel_values: np.ndarray  # (3, H, W) float32, the image processor's output
-    prompt: str | None = None
-    max_new_tokens: int
-    num_beams: int = 1
+class JobRejected(ValueError):
+    """A job the model service refuses before generating: its client gets a 400 with this text."""
 
 
 def pick_device(setting: str) -> str:
@@ -41,8 +35,6 @@ def pick_device(setting: str) -> str:
 
 
 def pick_precision(setting: str, device: str) -> str:
-    if setting not in PRECISIONS:
-        raise ValueError(f"BLIP_PRECISION must be one of {', '.join(PRECISIONS)}, got {setting!r}")
     if setting != "auto":
         return setting
     if device == "cuda":
@@ -113,42 +105,26 @@ def apply_precision(model: BlipForConditionalGeneration, precision: str) -> torc
     raise ValueError(f"unknown precision {precision!r}")
 
 
-STORE_MODEL = "blip-captioning"  # the name `python -m blip_serve.import_model` stores a model under
-HUB_EXCLUDE = ["tf_model.h5", "*.msgpack", "*.onnx"]
+class PixelNormalizer:
+    """Rescale and normalize as BLIP's image processor does (uint8 -> float64 x rescale_factor ->
+    float32, then (x - mean) / std in float32), on the model's device. The same IEEE operations in
+    the same order give the same float32 values as transformers' numpy code, bit for bit."""
 
+    def __init__(self, model_dir: str, device: str):
+        config = image_processor_config(model_dir)
+        self.scale = float(config.get("rescale_factor", 1 / 255))
+        self.mean = torch.tensor(config["image_mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config["image_std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.device = device
 
-def model_source(setting: str):
-    """Where BLIP's files come from, as a BentoML service class attribute:
-
-    - BLIP_MODEL a local directory: that directory (a str);
-    - BLIP_MODEL a hub id: bentoml.models.HuggingFaceModel, downloaded on first use;
-    - BLIP_MODEL unset: the model store's `blip-captioning` (a BentoModel, which `bentoml build`
-      packs into the bento) when there is one, else the hub's Salesforce/blip-image-captioning-base.
-    """
-    import bentoml
-
-    if setting and Path(setting).is_dir():
-        return setting
-    if setting:
-        return bentoml.models.HuggingFaceModel(setting, exclude=HUB_EXCLUDE)
-    try:
-        return bentoml.models.BentoModel(bentoml.models.get(STORE_MODEL).tag)
-    except bentoml.exceptions.NotFound:
-        return bentoml.models.HuggingFaceModel(DEFAULT_MODEL, exclude=HUB_EXCLUDE)
-
-
-def model_dir(resolved) -> str:
-    """The directory behind a resolved model attribute: a path string, or a stored BentoML model."""
-    return str(getattr(resolved, "path", resolved))
-
-
-def load_image_processor(model_dir: str) -> BlipImageProcessor:
-    return BlipProcessor.from_pretrained(model_dir).image_processor
-
-
-def preprocess(image_processor: BlipImageProcessor, image) -> np.ndarray:
-    """One RGB image -> the (3, H, W) float32 array the model takes, exactly as BlipProcessor does it."""
-    return image_processor(images=image, return_tensors="np")["pixel_values"][0].astype(np.float32)
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, 3, H, W) uint8 -> (N, 3, H, W) float32 on the device."""
+        batch = torch.from_numpy(pixels)
+        if self.device == "cuda":  # page-locked memory: the copy to the GPU runs asynchronously
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
+        rescaled = (batch.to(torch.float64) * self.scale).to(torch.float32)
+        return (rescaled - self.mean) / self.std
 
 
 class BlipCaptioner:
@@ -164,39 +140,73 @@ class BlipCaptioner:
         model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
         if settings.attention == "sdpa":
             use_sdpa_attention(model)
-        elif settings.attention != "eager":
-            raise ValueError(f"BLIP_ATTENTION must be sdpa or eager, got {settings.attention!r}")
         self.input_dtype = apply_precision(model, self.precision)
         self.model = model.to(self.device)
+        self.normalize = PixelNormalizer(model_dir, self.device)
+        size = image_processor_config(model_dir)["size"]
+        self.pixel_shape = (3, size["height"], size["width"])
+        self.positions = model.config.text_config.max_position_embeddings
         self.min_new_tokens = settings.min_new_tokens
         logger.info(
             "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d",
-            model_dir, self.device, self.precision, settings.attention, self.threads,
+            model_dir,
+            self.device,
+            self.precision,
+            settings.attention,
+            self.threads,
         )
 
+    def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
+        """One result per job, in order. Jobs that share prompt and options share one generate."""
+        results: list[CaptionResult | None] = [None] * len(jobs)
+        for indices in group_jobs(jobs):
+            self.caption_group(jobs, indices, results)
+        return results  # type: ignore[return-value]
+
+    def caption_group(self, jobs: list[CaptionJob], indices: list[int], results: list) -> None:
+        """Caption jobs[indices] in one generate. If it fails, split the group in halves and try
+        each: the jobs that work are captioned, and a job that fails alone gets its own error.
+        Costs nothing while every job works."""
+        group = [jobs[i] for i in indices]
+        try:
+            captions = self.generate(group)
+        except Exception as exc:
+            if len(indices) > 1:
+                middle = len(indices) // 2
+                self.caption_group(jobs, indices[:middle], results)
+                self.caption_group(jobs, indices[middle:], results)
+                return
+            results[indices[0]] = self.failure(exc)
+            return
+        for index, caption in zip(indices, captions):
+            results[index] = CaptionResult(caption=caption)
+
+    def failure(self, exc: Exception) -> CaptionResult:
+        if isinstance(exc, JobRejected):
+            return CaptionResult(error=str(exc), status=400)
+        logger.error("generate failed for one job", exc_info=exc)
+        return CaptionResult(error="internal error: the model failed on this image; see the server log", status=500)
+
+    def check(self, job: CaptionJob) -> None:
+        """What the API service already checked, checked again where a mistake would crash generate."""
+        if job.pixels.shape != self.pixel_shape or job.pixels.dtype != np.uint8:
+            raise JobRejected(f"pixels must be {self.pixel_shape} uint8, got {job.pixels.shape} {job.pixels.dtype}")
+        start = len(self.processor.tokenizer(job.prompt).input_ids) - 1 if job.prompt else 1
+        if start + job.max_new_tokens > self.positions:
+            raise JobRejected(
+                f"the prompt and max_new_tokens need {start + job.max_new_tokens} positions; the model has {self.positions}"
+            )
+
     @torch.inference_mode()
-    def caption(self, jobs: list[CaptionJob]) -> list[str]:
-        """Caption every job; jobs that share prompt and generation options share one generate."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, job in enumerate(jobs):
-            groups[(job.prompt, job.max_new_tokens, job.num_beams)].append(index)
-
-        captions: list[str] = [""] * len(jobs)
-        for (prompt, max_new_tokens, num_beams), indices in groups.items():
-            pixels = np.stack([jobs[i].pixel_values for i in indices])
-            texts = self.generate(pixels, prompt, max_new_tokens, num_beams)
-            for index, text in zip(indices, texts):
-                captions[index] = text
-        return captions
-
-    def generate(self, pixels: np.ndarray, prompt: str | None, max_new_tokens: int, num_beams: int) -> list[str]:
-        pixel_values = torch.from_numpy(pixels)
-        if self.device == "cuda":  # page-locked memory: the copy to the GPU runs asynchronously
-            pixel_values = pixel_values.pin_memory()
-        pixel_values = pixel_values.to(self.device, self.input_dtype, non_blocking=True)
+    def generate(self, jobs: list[CaptionJob]) -> list[str]:
+        """Captions for jobs that share prompt and options, in one generate."""
+        for job in jobs:
+            self.check(job)
+        prompt, max_new_tokens, num_beams = jobs[0].generation_options()
+        pixel_values = self.normalize(np.stack([job.pixels for job in jobs])).to(self.input_dtype)
         prompt_inputs = {}
         if prompt:
-            tokens = self.processor.tokenizer([prompt] * len(pixels), return_tensors="pt")
+            tokens = self.processor.tokenizer([prompt] * len(jobs), return_tensors="pt")
             prompt_inputs = {
                 "input_ids": tokens["input_ids"].to(self.device),
                 "attention_mask": tokens["attention_mask"].to(self.device),

@@ -1,47 +1,90 @@
-"""Every setting of the server, read once from `BLIP_*` environment variables.
+"""Every setting of the server, read once from `BLIP_*` environment variables and validated.
 
-The README's configuration table documents each one; keep the two in step.
+The README's configuration table documents each one (a test keeps the two in step). A bad value
+stops the server at start with one line naming the variable, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
 
-@dataclass(frozen=True)
-class Settings:
-    model: str = ""  # local directory or hub id; empty: the stored model, else DEFAULT_MODEL
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | hybrid | fp16
-    attention: str = "sdpa"  # sdpa | eager
-    torch_threads: int = 0  # 0: one per core the model process may use
-    api_workers: int = 1  # API service processes (decode + preprocess); a GPU needs several
-    max_batch_size: int = 8
-    max_latency_ms: int = 60_000
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0  # benchmarks force a fixed caption length with it
-    max_new_tokens_limit: int = 100  # the most a client may ask for
-    max_beams: int = 4
-    max_prompt_chars: int = 200
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    request_timeout_s: int = 120
-    api_key: str = ""  # empty: /caption is open
-    tracing: int = 0  # 1: let BentoML's OpenTelemetry middleware trace requests (it retains spans)
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLIP_", env_ignore_empty=True, frozen=True, extra="ignore")
 
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
-        environ = os.environ if environ is None else environ
-        values = {}
-        for field in fields(cls):
-            raw = environ.get(f"BLIP_{field.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            try:
-                values[field.name] = int(raw) if field.type == "int" else raw
-            except ValueError:
-                raise ValueError(f"BLIP_{field.name.upper()} must be an integer, got {raw!r}") from None
-        return cls(**values)
+    # The model and how it runs
+    model: str = ""  # local directory or hub id; empty: the stored model, else DEFAULT_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "hybrid", "fp16"] = "auto"
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    torch_threads: int = Field(0, ge=0, le=1024)  # 0: one per core the model process may use
+    api_workers: int = Field(1, ge=1, le=256)  # API service processes (decode + resize)
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_latency_ms: int = Field(60_000, ge=1)
+
+    # What a request may ask for
+    max_new_tokens: int = Field(30, ge=1)
+    min_new_tokens: int = Field(0, ge=0)  # benchmarks force a fixed caption length with it
+    max_new_tokens_limit: int = Field(100, ge=1)  # clamped to what the model's positions allow
+    max_beams: int = Field(4, ge=1, le=64)
+    max_prompt_chars: int = Field(200, ge=0)
+
+    # What an upload may cost
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_side: int = Field(12_000, ge=1)
+    max_aspect_ratio: float = Field(20.0, ge=1.0)
+    max_concurrent_decodes: int = Field(0, ge=0)  # large (over 4 MP) decodes at once; 0: half the cores
+
+    # Time limits
+    request_timeout_s: int = Field(120, ge=1)
+    body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this
+    header_timeout_s: float = Field(10.0, gt=0)  # a connection must send its headers within this
+
+    api_key: str = ""  # empty: the caption routes are open
+    tracing: bool = False  # BentoML's OpenTelemetry middleware retains spans: off unless asked
+
+    def model_post_init(self, context) -> None:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"BLIP_MAX_NEW_TOKENS={self.max_new_tokens} is more than "
+                f"BLIP_MAX_NEW_TOKENS_LIMIT={self.max_new_tokens_limit}"
+            )
+
+
+class BadSetting(SystemExit):
+    """Raised at start for an invalid BLIP_* value; its text is the one line the operator sees."""
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Settings from the environment (or `environ`); BadSetting names every bad variable."""
+    try:
+        if environ is None:
+            return Settings()
+        # pydantic-settings reads os.environ; a given mapping is passed as values instead.
+        values = {
+            name.removeprefix("BLIP_").lower(): value
+            for name, value in environ.items()
+            if name.startswith("BLIP_") and value != ""
+        }
+        return Settings(**values)
+    except ValidationError as exc:
+        raise BadSetting("invalid settings: " + "; ".join(describe(error) for error in exc.errors())) from None
+
+
+def describe(error: dict) -> str:
+    """One pydantic error as `BLIP_NAME='value': what is allowed`."""
+    message = error.get("msg", "invalid value")
+    if not error.get("loc"):  # a check across fields (model_post_init) names its own variables
+        return message.removeprefix("Value error, ")
+    name = "BLIP_" + "_".join(str(part) for part in error["loc"]).upper()
+    if error.get("type") == "literal_error":
+        message = "must be one of " + message.removeprefix("Input should be ").replace("'", "")
+    else:
+        message = message[0].lower() + message[1:]
+    return f"{name}={error.get('input')!r}: {message}"

@@ -16,13 +16,74 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-WORDS = (
-    "a an the of on in with and at by near photography picture photo painting drawing "
-    "dog dogs cat cats man woman child people bird horse car bus train boat plane "
-    "sitting standing running lying walking flying riding eating holding looking "
-    "red blue green white black yellow brown small large big two three "
-    "table street field grass water beach road room bed couch tree sky snow"
-).split()
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "by",
+    "near",
+    "photography",
+    "picture",
+    "photo",
+    "painting",
+    "drawing",
+    "dog",
+    "dogs",
+    "cat",
+    "cats",
+    "man",
+    "woman",
+    "child",
+    "people",
+    "bird",
+    "horse",
+    "car",
+    "bus",
+    "train",
+    "boat",
+    "plane",
+    "sitting",
+    "standing",
+    "running",
+    "lying",
+    "walking",
+    "flying",
+    "riding",
+    "eating",
+    "holding",
+    "looking",
+    "red",
+    "blue",
+    "green",
+    "white",
+    "black",
+    "yellow",
+    "brown",
+    "small",
+    "large",
+    "big",
+    "two",
+    "three",
+    "table",
+    "street",
+    "field",
+    "grass",
+    "water",
+    "beach",
+    "road",
+    "room",
+    "bed",
+    "couch",
+    "tree",
+    "sky",
+    "snow",
+]
 LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 
 

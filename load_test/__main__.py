@@ -47,8 +47,20 @@ def measure_ceiling(args) -> list[dict]:
     out = Path(args.out) / "ceiling.jsonl"
     out.unlink(missing_ok=True)
     extra = dict(kv.split("=", 1) for kv in args.bento_env)
-    command = [sys.executable, "-m", "load_test.ceiling", "--model", args.model, "--tokens", str(args.tokens),
-               "--batch-size", "1", extra.get("BLIP_MAX_BATCH_SIZE", "8"), "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "load_test.ceiling",
+        "--model",
+        args.model,
+        "--tokens",
+        str(args.tokens),
+        "--batch-size",
+        "1",
+        extra.get("BLIP_MAX_BATCH_SIZE", "8"),
+        "--json",
+        str(out),
+    ]
     subprocess.run(command, check=True, env={**os.environ, **extra})
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -56,7 +68,9 @@ def measure_ceiling(args) -> list[dict]:
 def finish(steps: list[StepReport], args, extra: dict | None = None) -> None:
     print(table(steps))
     for c in (extra or {}).get("ceiling", []):
-        print(f"in-process ceiling: batch {c['batch_size']}, {c['precision']}, {c['threads']} threads: {c['images_per_s']} img/s")
+        print(
+            f"in-process ceiling: batch {c['batch_size']}, {c['precision']}, {c['threads']} threads: {c['images_per_s']} img/s"
+        )
     for r in (extra or {}).get("served_over_ceiling", []):
         print(f"blip-serve at concurrency {r['load']:g}: {r['ratio']:.0%} of the best in-process rate")
     if extra and extra.get("ratios"):
@@ -83,7 +97,9 @@ def compare(args) -> None:
     ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
     servers = {
-        "blip-serve": lambda: BentoServer({**env, **dict(kv.split("=", 1) for kv in args.bento_env)}, out / "blip-serve.log"),
+        "blip-serve": lambda: BentoServer(
+            {**env, **dict(kv.split("=", 1) for kv in args.bento_env)}, out / "blip-serve.log"
+        ),
         "baseline": lambda: BaselineServer(env, out / "baseline.log", workers=args.baseline_workers),
     }
     for name in args.servers:
@@ -97,19 +113,31 @@ def compare(args) -> None:
         best = max(c["images_per_s"] for c in ceiling)
         extra["ceiling"] = [{k: v for k, v in c.items() if k != "captions"} for c in ceiling]
         extra["served_over_ceiling"] = [
-            {"load": s.load, "ratio": round(s.throughput / best, 2)} for s in steps if s.server == "blip-serve" and s.mode == "closed"
+            {"load": s.load, "ratio": round(s.throughput / best, 2)}
+            for s in steps
+            if s.server == "blip-serve" and s.mode == "closed"
         ]
     finish(steps, args, extra)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m load_test", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m load_test", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32], help="closed-loop clients, one step each")
-    common.add_argument("--rate", type=float, nargs="*", default=[], help="open-loop arrival rates (req/s), one step each")
-    common.add_argument("--requests", type=int, default=32, help="requests per step (closed loop: at least 2 per client)")
+    common.add_argument(
+        "--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32], help="closed-loop clients, one step each"
+    )
+    common.add_argument(
+        "--rate", type=float, nargs="*", default=[], help="open-loop arrival rates (req/s), one step each"
+    )
+    common.add_argument(
+        "--requests", type=int, default=32, help="requests per step (closed loop: at least 2 per client)"
+    )
     common.add_argument("--rounds", type=int, default=2, help="closed loop: each client sends at least this many")
-    common.add_argument("--warmup", type=int, default=40, help="requests sent (8 at a time) and discarded before a server's first step")
+    common.add_argument(
+        "--warmup", type=int, default=40, help="requests sent (8 at a time) and discarded before a server's first step"
+    )
     common.add_argument("--images", help="folder of images to send (default: generated 640x480 JPEGs)")
     common.add_argument("--api-key", help="sent as Authorization: Bearer <key>")
     common.add_argument("--out", default="results", help="folder for results.json/.csv/.png")
@@ -123,10 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     compare_parser = commands.add_parser("compare", parents=[common], help="blip-serve vs the per-request baseline")
     compare_parser.add_argument("--model", required=True, help="model directory both servers load")
     compare_parser.add_argument("--tokens", type=int, default=20, help="tokens generated per caption, forced on both")
-    compare_parser.add_argument("--servers", nargs="+", default=["blip-serve", "baseline"], choices=["blip-serve", "baseline"])
+    compare_parser.add_argument(
+        "--servers", nargs="+", default=["blip-serve", "baseline"], choices=["blip-serve", "baseline"]
+    )
     compare_parser.add_argument("--baseline-workers", type=int, default=2)
-    compare_parser.add_argument("--bento-env", nargs="*", default=[], metavar="BLIP_X=VALUE", help="extra settings for blip-serve")
-    compare_parser.add_argument("--ceiling", action="store_true", help="first measure the in-process ceiling (load_test.ceiling)")
+    compare_parser.add_argument(
+        "--bento-env", nargs="*", default=[], metavar="BLIP_X=VALUE", help="extra settings for blip-serve"
+    )
+    compare_parser.add_argument(
+        "--ceiling", action="store_true", help="first measure the in-process ceiling (load_test.ceiling)"
+    )
     compare_parser.set_defaults(func=compare)
 
     args = parser.parse_args(argv)

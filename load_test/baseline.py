@@ -15,10 +15,10 @@ from fastapi import FastAPI, HTTPException, UploadFile
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from blip_serve.errors import ClientError
-from blip_serve.images import decode_image
-from blip_serve.settings import Settings
+from blip_serve.images import ImageLimits, decode_image
+from blip_serve.settings import load_settings
 
-settings = Settings.from_env()
+settings = load_settings()
 processor = BlipProcessor.from_pretrained(settings.model)
 model = BlipForConditionalGeneration.from_pretrained(settings.model).eval()
 app = FastAPI(title="per-request BLIP baseline")
@@ -32,7 +32,9 @@ def readyz() -> dict:
 @app.post("/caption")
 def caption(file: UploadFile) -> dict:
     try:
-        image = decode_image(file.file.read(), settings.max_image_pixels)
+        image = decode_image(
+            file.file.read(), ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
+        )
     except ClientError as exc:
         raise HTTPException(exc.status_code, exc.message) from None
     with torch.inference_mode():

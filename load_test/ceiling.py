@@ -9,33 +9,32 @@ read as a fraction of it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
-from blip_serve.images import decode_image
-from blip_serve.model import BlipCaptioner, CaptionJob, load_image_processor, preprocess
-from blip_serve.settings import Settings
+from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.jobs import CaptionJob
+from blip_serve.model import BlipCaptioner
+from blip_serve.settings import load_settings
 from load_test.sample_images import sample_images
 
 
 def make_jobs(model_dir: str, count: int, tokens: int) -> list[CaptionJob]:
-    image_processor = load_image_processor(model_dir)
-    jobs = []
-    for _, data in sample_images(count):
-        pixels = preprocess(image_processor, decode_image(data, 10**8))
-        jobs.append(CaptionJob(pixel_values=pixels, max_new_tokens=tokens))
-    return jobs
+    spec = ResizeSpec.from_model_dir(model_dir)
+    return [
+        CaptionJob(pixels=prepare_image(data, ImageLimits(), spec).pixels, max_new_tokens=tokens)
+        for _, data in sample_images(count)
+    ]
 
 
 def measure(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, repeats: int) -> tuple[float, list[str]]:
     """Images per second over `repeats` batches (after one warm-up batch), and the captions."""
     batch = jobs[:batch_size]
-    captioner.caption(batch)  # warm-up: first-call allocations and kernel selection
+    captioner.caption_batch(batch)  # warm-up: first-call allocations and kernel selection
     started = time.perf_counter()
     for _ in range(repeats):
-        captions = captioner.caption(batch)
-    return batch_size * repeats / (time.perf_counter() - started), captions
+        results = captioner.caption_batch(batch)
+    return batch_size * repeats / (time.perf_counter() - started), [r.caption for r in results]
 
 
 def main() -> None:
@@ -50,17 +49,27 @@ def main() -> None:
     parser.add_argument("--json", help="append the results to this JSON-lines file")
     args = parser.parse_args()
 
-    settings = dataclasses.replace(
-        Settings.from_env(), model=args.model, precision=args.precision, attention=args.attention,
-        torch_threads=args.threads, min_new_tokens=args.tokens,
+    settings = load_settings().model_copy(
+        update={
+            "model": args.model,
+            "precision": args.precision,
+            "attention": args.attention,
+            "torch_threads": args.threads,
+            "min_new_tokens": args.tokens,
+        }
     )
     captioner = BlipCaptioner(args.model, settings)
     jobs = make_jobs(args.model, max(args.batch_size), args.tokens)
     for batch_size in args.batch_size:
         rate, captions = measure(captioner, jobs, batch_size, args.repeats)
         result = {
-            "precision": captioner.precision, "attention": args.attention, "threads": captioner.threads,
-            "batch_size": batch_size, "tokens": args.tokens, "images_per_s": round(rate, 3), "captions": captions,
+            "precision": captioner.precision,
+            "attention": args.attention,
+            "threads": captioner.threads,
+            "batch_size": batch_size,
+            "tokens": args.tokens,
+            "images_per_s": round(rate, 3),
+            "captions": captions,
         }
         print(json.dumps({k: v for k, v in result.items() if k != "captions"}), flush=True)
         if args.json:

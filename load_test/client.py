@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 
@@ -63,11 +63,13 @@ async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, b
             if response.status != 200:
                 error = f"{response.status}: {body[:120].decode('utf-8', 'replace')}"
             return Outcome(response.status, time.perf_counter() - started, error)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return Outcome(0, time.perf_counter() - started, type(exc).__name__)
 
 
-async def closed_loop(session, url, images, concurrency: int, total: int, headers: dict, progress=None) -> list[Outcome]:
+async def closed_loop(
+    session, url, images, concurrency: int, total: int, headers: dict, progress=None
+) -> list[Outcome]:
     outcomes: list[Outcome] = []
     counter = itertools.count()
     image_cycle = itertools.cycle(images)
@@ -82,7 +84,9 @@ async def closed_loop(session, url, images, concurrency: int, total: int, header
     return outcomes
 
 
-async def open_loop(session, url, images, rate: float, total: int, headers: dict, seed: int = 0, progress=None) -> list[Outcome]:
+async def open_loop(
+    session, url, images, rate: float, total: int, headers: dict, seed: int = 0, progress=None
+) -> list[Outcome]:
     rng = random.Random(seed)
     image_cycle = itertools.cycle(images)
     start = time.perf_counter()
@@ -110,13 +114,13 @@ def parse_batch_histogram(metrics_text: str) -> dict[str, float]:
     """The bentoml_service_adaptive_batch_size histogram in a /metrics page: {"le=<bound>":
     cumulative batches, ..., "sum": images, "count": batches}, summed over label sets."""
     histogram: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        match = re.match(r'bentoml_service_adaptive_batch_size_(bucket|sum|count)\{([^}]*)\} (\S+)', line)
-        if not match:
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "bentoml_service_adaptive_batch_size":
             continue
-        kind, labels, value = match.groups()
-        key = "le=" + re.search(r'le="([^"]+)"', labels).group(1) if kind == "bucket" else kind
-        histogram[key] = histogram.get(key, 0.0) + float(value)
+        for sample in family.samples:
+            kind = sample.name.removeprefix(family.name + "_")
+            key = f"le={sample.labels['le']}" if kind == "bucket" else kind
+            histogram[key] = histogram.get(key, 0.0) + sample.value
     return histogram
 
 
@@ -148,8 +152,16 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> tup
 
 
 async def run_step(
-    server: str, url: str, images, mode: str, load: float, total: int, warmup: int,
-    headers: dict | None = None, timeout_s: float = 600, show_progress: bool = True,
+    server: str,
+    url: str,
+    images,
+    mode: str,
+    load: float,
+    total: int,
+    warmup: int,
+    headers: dict | None = None,
+    timeout_s: float = 600,
+    show_progress: bool = True,
 ) -> StepReport:
     """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`."""
     headers = headers or {}
@@ -174,11 +186,18 @@ async def run_step(
     latencies = [o.latency_s for o in outcomes]
     buckets, mean_batch = batch_distribution(before, after)
     return StepReport(
-        server=server, mode=mode, load=load, requests=len(outcomes), duration_s=round(duration, 3),
+        server=server,
+        mode=mode,
+        load=load,
+        requests=len(outcomes),
+        duration_s=round(duration, 3),
         throughput=round(len(ok) / duration, 3),
-        p50_s=round(percentile(latencies, 50), 3), p95_s=round(percentile(latencies, 95), 3),
-        p99_s=round(percentile(latencies, 99), 3), max_s=round(max(latencies), 3),
+        p50_s=round(percentile(latencies, 50), 3),
+        p95_s=round(percentile(latencies, 95), 3),
+        p99_s=round(percentile(latencies, 99), 3),
+        max_s=round(max(latencies), 3),
         statuses=dict(Counter(str(o.status) for o in outcomes)),
         errors=dict(Counter(o.error for o in outcomes if o.error)),
-        batch_sizes=buckets, mean_batch_size=None if mean_batch is None else round(mean_batch, 2),
+        batch_sizes=buckets,
+        mean_batch_size=None if mean_batch is None else round(mean_batch, 2),
     )

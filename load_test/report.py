@@ -8,7 +8,19 @@ from pathlib import Path
 
 from .client import StepReport
 
-COLUMNS = ["server", "mode", "load", "requests", "throughput", "p50_s", "p95_s", "p99_s", "max_s", "mean_batch_size", "statuses"]
+COLUMNS = [
+    "server",
+    "mode",
+    "load",
+    "requests",
+    "throughput",
+    "p50_s",
+    "p95_s",
+    "p99_s",
+    "max_s",
+    "mean_batch_size",
+    "statuses",
+]
 
 
 def table(steps: list[StepReport]) -> str:
@@ -27,11 +39,14 @@ def ratios(steps: list[StepReport], server: str, baseline: str) -> list[dict]:
         other = by_key.get((baseline, step.mode, step.load))
         if step.server != server or other is None or not other.throughput:
             continue
-        out.append({
-            "mode": step.mode, "load": step.load,
-            "throughput_ratio": round(step.throughput / other.throughput, 2),
-            "p95_ratio": round(step.p95_s / other.p95_s, 2) if other.p95_s else None,
-        })
+        out.append(
+            {
+                "mode": step.mode,
+                "load": step.load,
+                "throughput_ratio": round(step.throughput / other.throughput, 2),
+                "p95_ratio": round(step.p95_s / other.p95_s, 2) if other.p95_s else None,
+            }
+        )
     return out
 
 

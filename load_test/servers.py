@@ -1,4 +1,5 @@
-"""Start and stop the real `bentoml serve` (and friends) for tests: free ports, /readyz, stop by PID."""
+"""Start and stop the servers the load test compares (and the tests use): the real `bentoml serve`
+and the per-request baseline, each on a free port, ready once /readyz says 200, stopped by PID."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0, ready: int | None = 200) -> None:
+def wait_until_ready(
+    url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0, ready: int | None = 200
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -70,9 +73,9 @@ class ServerProcess:
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 300.0, ready: int | None = 200) -> "ServerProcess":
+    def start(self, timeout: float = 300.0, ready: int | None = 200) -> ServerProcess:
         """Start, then wait until /readyz answers `ready` (None: any HTTP answer at all)."""
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115  (open while the server runs; closed by stop)
         self.process = subprocess.Popen(
             self.command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -92,7 +95,7 @@ class ServerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -113,31 +116,15 @@ def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> Ser
     """The per-request design this project replaces: FastAPI under gunicorn, a model per worker."""
     port = free_port()
     command = [
-        str(Path(sys.executable).with_name("gunicorn")), "load_test.baseline:app",
-        "--worker-class", "uvicorn.workers.UvicornWorker", "--workers", str(workers),
-        "--bind", f"127.0.0.1:{port}", "--timeout", "600",
+        str(Path(sys.executable).with_name("gunicorn")),
+        "load_test.baseline:app",
+        "--worker-class",
+        "uvicorn.workers.UvicornWorker",
+        "--workers",
+        str(workers),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--timeout",
+        "600",
     ]
     return ServerProcess(command, port, env, log_path)
-
-
-NGINX_CONF = REPO / "nginx" / "nginx.conf"
-NGINX_UPSTREAM = "server bento:3000 max_fails=1 fail_timeout=5s;"
-
-
-def NginxServer(upstream_urls: list[str], prefix: Path) -> ServerProcess:
-    """The real nginx binary running nginx/nginx.conf, with the compose upstream, port and temp paths
-    swapped for local ones. `prefix` must be reachable by nginx's unprivileged worker user."""
-    port = free_port()
-    conf = NGINX_CONF.read_text()
-    for original in (NGINX_UPSTREAM, "listen 80;", "/tmp/nginx"):
-        assert original in conf, f"nginx/nginx.conf no longer has {original!r}: update NginxServer"
-    servers = "\n        ".join(
-        f"server {url.removeprefix('http://')} max_fails=1 fail_timeout=5s;" for url in upstream_urls
-    )
-    conf = conf.replace(NGINX_UPSTREAM, servers).replace("listen 80;", f"listen 127.0.0.1:{port};")
-    conf = conf.replace("/tmp/nginx", str(prefix))
-    prefix.mkdir(parents=True, exist_ok=True)
-    prefix.chmod(0o755)
-    (prefix / "nginx.conf").write_text(conf)
-    command = ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
-    return ServerProcess(command, port, {}, prefix / "nginx.log")

@@ -25,7 +25,7 @@ def server(tiny_model_dir, tmp_path_factory) -> BentoServer:
 
 @pytest.fixture(scope="session")
 def reference(tiny_model_dir):
-    from reference import ReferenceCaptioner
+    from support.reference import ReferenceCaptioner
 
     return ReferenceCaptioner(tiny_model_dir)
 

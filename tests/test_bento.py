@@ -11,8 +11,10 @@ import httpx
 import pytest
 import yaml
 
-from images import encode, scene
 from load_test.servers import BENTOML, REPO, ServerProcess, free_port
+from support.images import encode, scene
+
+pytestmark = pytest.mark.slow  # starts the real server
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,11 @@ def bentoml_home(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BLIP_MODEL", None)
     result = subprocess.run(
-        [sys.executable, "-m", "blip_serve.import_model", tiny_model_dir], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "blip_serve.import_model", tiny_model_dir],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "imported blip-captioning:" in result.stdout
@@ -30,20 +36,24 @@ def bentoml_home(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
 
 
 def source_kind(env: dict[str, str], setting: str) -> str:
-    code = f"from blip_serve.model import model_source; print(type(model_source({setting!r})).__name__)"
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    code = f"from blip_serve.model_files import model_source; print(type(model_source({setting!r})).__name__)"
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_model_source_prefers_the_stored_model(bentoml_home, tiny_model_dir, tmp_path):
     assert source_kind(bentoml_home, "") == "BentoModel"
     assert source_kind(bentoml_home, tiny_model_dir) == "str"
-    assert source_kind(bentoml_home, "Salesforce/blip-image-captioning-base") == "HuggingFaceModel"
+    assert source_kind(bentoml_home, "Salesforce/blip-image-captioning-base") == "HubModel"
     empty_home = {**bentoml_home, "BENTOML_HOME": str(tmp_path)}
-    assert source_kind(empty_home, "") == "HuggingFaceModel"  # the hub default
+    assert source_kind(empty_home, "") == "HubModel"  # the hub default
 
 
 def test_bentoml_build_packs_the_model_and_the_bento_serves_it(bentoml_home, reference, tmp_path):
-    build = subprocess.run([BENTOML, "build", "--output", "tag"], cwd=REPO, env=bentoml_home, capture_output=True, text=True)
+    build = subprocess.run(
+        [BENTOML, "build", "--output", "tag"], cwd=REPO, env=bentoml_home, capture_output=True, text=True
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("blip-serve:")
@@ -52,11 +62,16 @@ def test_bentoml_build_packs_the_model_and_the_bento_serves_it(bentoml_home, ref
     for service in manifest["services"]:  # `bentoml containerize` copies these models into the image
         assert [m["tag"].split(":")[0] for m in service["models"]] == ["blip-captioning"]
     assert sorted(p.name for p in (bento_dir / "src").iterdir()) == ["bentofile.yaml", "blip_serve", "service.py"]
+    packed = sorted(p.name for p in (bento_dir / "src" / "blip_serve").glob("*.py"))
+    assert "tiny_model.py" not in packed and "import_model.py" not in packed  # only what serves
+    assert {"http.py", "images.py", "model.py", "settings.py"} <= set(packed)
 
     # Serve the built bento, not the source tree: what the container image runs.
     port = free_port()
     env = {**bentoml_home, "HF_HUB_OFFLINE": "1"}
-    server = ServerProcess([BENTOML, "serve", tag, "--host", "127.0.0.1", "--port", str(port)], port, env, tmp_path / "bento.log")
+    server = ServerProcess(
+        [BENTOML, "serve", tag, "--host", "127.0.0.1", "--port", str(port)], port, env, tmp_path / "bento.log"
+    )
     image = encode(scene(42), "PNG")
     with server:
         response = httpx.post(f"{server.url}/caption", files={"file": ("p.png", image)}, timeout=60)

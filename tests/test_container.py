@@ -23,7 +23,9 @@ pytestmark = [
 def test_container_smoke_script(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
     env.pop("BLIP_MODEL", None)
-    result = subprocess.run(["bash", "container/smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    result = subprocess.run(
+        ["bash", "container/smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000
+    )
     output = result.stdout + result.stderr
     print(output[-3000:])
     assert result.returncode == 0, output[-6000:]

@@ -14,10 +14,11 @@ import httpx
 import psutil
 import pytest
 
-from clients import Answer, post_concurrently
-from images import encode, scene
 from load_test.client import run_step
-from load_test.servers import BentoServer, NginxServer
+from load_test.servers import BentoServer
+from support.clients import Answer, post_concurrently
+from support.images import encode, scene
+from support.nginx import NginxServer
 
 pytestmark = pytest.mark.slow
 IMAGE = encode(scene(3), "PNG")
@@ -28,15 +29,22 @@ def send_many(url: str, count: int) -> list[Answer]:
 
 
 def model_worker(server) -> psutil.Process:
-    workers = [p for p in psutil.Process(server.process.pid).children(recursive=True) if "BlipModel" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(server.process.pid).children(recursive=True) if "BlipModel" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 1, [p.cmdline() for p in psutil.Process(server.process.pid).children(recursive=True)]
     return workers[0]
 
 
 @pytest.fixture
 def slow_server(tiny_model_dir, tmp_path):
-    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_MAX_NEW_TOKENS": "100", "BLIP_MIN_NEW_TOKENS": "100",
-           "BLIP_MAX_BATCH_SIZE": "4", "BLIP_MAX_LATENCY_MS": "3000"}
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_MAX_NEW_TOKENS": "100",
+        "BLIP_MIN_NEW_TOKENS": "100",
+        "BLIP_MAX_BATCH_SIZE": "4",
+        "BLIP_MAX_LATENCY_MS": "3000",
+    }
     with BentoServer(env, tmp_path / "bentoml.log") as running:
         yield running
 
@@ -100,7 +108,9 @@ def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
 
         def soak(total: int) -> dict[str, int]:
             """`total` requests from 8 clients in a closed loop (the load test's); counts by status."""
-            step = run_step("soak", f"{server.url}/caption", [("p.png", IMAGE)], "closed", 8, total, 0, show_progress=False)
+            step = run_step(
+                "soak", f"{server.url}/caption", [("p.png", IMAGE)], "closed", 8, total, 0, show_progress=False
+            )
             return asyncio.run(step).statuses
 
         assert soak(300) == {"200": 300}  # warm-up

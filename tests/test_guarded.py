@@ -7,9 +7,11 @@ from collections import Counter
 import httpx
 import pytest
 
-from clients import post_concurrently
-from images import encode, scene
 from load_test.servers import BentoServer
+from support.clients import post_concurrently
+from support.images import encode, scene
+
+pytestmark = pytest.mark.slow  # starts the real server
 
 KEY = "test-key-123"
 
@@ -33,7 +35,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 IMAGE = encode(scene(1), "PNG")
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}], ids=["none", "wrong", "no-bearer"])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}], ids=["none", "wrong", "no-bearer"]
+)
 def test_caption_without_the_key_is_401(guarded_server, headers):
     response = httpx.post(f"{guarded_server.url}/caption", files={"file": ("p.png", IMAGE)}, headers=headers)
     assert response.status_code == 401

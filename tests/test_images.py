@@ -1,18 +1,20 @@
-"""decode_image without a server: every accepted kind of upload, and every refusal."""
+"""The API side of an image without a server: decode_image (every accepted kind of upload, every
+refusal, the cost limits) and resize_image (equal to BLIP's image processor, bit for bit)."""
 
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from blip_serve.errors import BadRequest, PayloadTooLarge, UnsupportedImage
-from blip_serve.images import decode_image
-from images import encode, scene, upload_corpus
+from blip_serve.images import ImageLimits, ResizeSpec, decode_image, first_scan_length, resize_image
+from support.images import encode, header_only_jpeg, scene, upload_corpus
 
-LIMIT = 40_000_000
+LIMIT = ImageLimits()
 
 
 @pytest.mark.parametrize("name", sorted(upload_corpus()))
@@ -102,5 +104,68 @@ def test_ico_is_refused_although_pillow_reads_it():
 def test_more_pixels_than_the_limit_is_too_large():
     bomb = encode(Image.new("L", (12_000, 10_000)), "PNG")  # 120 megapixels in ~100 KB
     assert len(bomb) < 1_000_000
-    with pytest.raises(PayloadTooLarge, match="12000x10000"):
+    with pytest.raises(PayloadTooLarge, match="12000x10000 pixels; the limit is 40,000,000"):
         decode_image(bomb, LIMIT)
+
+
+@pytest.mark.parametrize(
+    "size, words",
+    [((12_001, 100), "no side may be over 12,000"), ((2_100, 100), "at most 20 times"), ((1, 21), "at most 20 times")],
+)
+def test_long_sides_and_extreme_aspect_ratios_are_too_large(size, words):
+    # Within the pixel limit, but a resize of a 1-pixel-high strip costs far more than its pixels.
+    with pytest.raises(PayloadTooLarge, match=words):
+        decode_image(encode(Image.new("L", size), "PNG"), LIMIT)
+
+
+def test_limits_at_their_edges_are_accepted():
+    assert decode_image(encode(Image.new("L", (2_000, 100)), "PNG"), LIMIT).size == (2_000, 100)
+    assert decode_image(encode(Image.new("L", (12_000, 600)), "PNG"), LIMIT).size == (12_000, 600)
+
+
+def test_a_jpeg_whose_data_ends_after_its_header_is_truncated():
+    data = header_only_jpeg()  # libjpeg alone would pad it to a grey 6000x6000 image
+    assert len(data) < 1_000
+    with pytest.raises(UnsupportedImage, match="truncated: it declares 6000x6000"):
+        decode_image(data, LIMIT)
+
+
+def test_first_scan_length_of_real_jpegs_passes_the_check():
+    for quality in (5, 50, 95):
+        for progressive in (False, True):
+            data = encode(Image.new("L", (1024, 768)), "JPEG", quality=quality, progressive=progressive)
+            blocks = (1024 // 8) * (768 // 8)
+            assert first_scan_length(data) * 8 >= blocks  # even a flat image spends a bit a block
+            assert decode_image(data, LIMIT).size == (1024, 768)
+
+
+def exif_with_orientation_and_an_oversized_short() -> bytes:
+    """Orientation 6 (Pillow rotates, then re-encodes the EXIF) and ResolutionUnit, a SHORT tag,
+    stored as a LONG of 70,000: re-encoding it raised struct.error out of exif_transpose."""
+    entries = [(0x0112, 3, 1, 6), (0x0128, 4, 1, 70_000)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries) + b"\0" * 4
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_malformed_exif_is_a_client_error_not_a_crash(fmt):
+    data = encode(scene(5, (64, 48)), fmt, exif=exif_with_orientation_and_an_oversized_short())
+    with pytest.raises(UnsupportedImage, match="not a complete, valid image"):
+        decode_image(data, LIMIT)
+
+
+def test_resize_equals_blips_image_processor_bit_for_bit(tiny_model_dir):
+    from transformers import BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(tiny_model_dir).image_processor
+    spec = ResizeSpec.from_model_dir(tiny_model_dir)
+    for name, data in upload_corpus().items():
+        image = decode_image(data, LIMIT)
+        expected = processor(images=image, return_tensors="np")["pixel_values"][0]
+        pixels = resize_image(image, spec)
+        assert pixels.dtype == np.uint8 and pixels.shape == (3, spec.height, spec.width)
+        rescaled = processor.rescale(pixels, processor.rescale_factor, input_data_format="channels_first")
+        normalized = processor.normalize(
+            rescaled, processor.image_mean, processor.image_std, input_data_format="channels_first"
+        )
+        assert np.array_equal(normalized, expected), name

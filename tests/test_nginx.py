@@ -9,11 +9,15 @@ import time
 import httpx
 import pytest
 
-from clients import post_concurrently
-from images import encode, scene
-from load_test.servers import BentoServer, NginxServer, free_port
+from load_test.servers import BentoServer, free_port
+from support.clients import post_concurrently
+from support.images import encode, scene
+from support.nginx import NginxServer
 
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
+pytestmark = [
+    pytest.mark.slow,  # starts the real server
+    pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)"),
+]
 
 IMAGE = encode(scene(7), "JPEG")
 
@@ -25,7 +29,9 @@ def nginx(server, nginx_prefix):
 
 
 def test_caption_through_nginx(nginx, reference):
-    response = httpx.post(f"{nginx.url}/caption", files={"file": ("p.jpg", IMAGE)}, headers={"X-Request-ID": "via-nginx-1"}, timeout=60)
+    response = httpx.post(
+        f"{nginx.url}/caption", files={"file": ("p.jpg", IMAGE)}, headers={"X-Request-ID": "via-nginx-1"}, timeout=60
+    )
     assert response.status_code == 200
     assert response.json() == {"caption": reference.caption(IMAGE)}
     assert response.headers["x-request-id"] == "via-nginx-1"  # passed through to the bento and back
@@ -82,7 +88,6 @@ def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
     env = {"BLIP_MODEL": tiny_model_dir}
     with BentoServer(env, tmp_path / "a.log") as first, BentoServer(env, tmp_path / "b.log") as second:
         with NginxServer([first.url, second.url], nginx_prefix) as proxy:
-
             answers = post_concurrently(f"{proxy.url}/caption", [IMAGE] * 20)
             assert [a.status for a in answers] == [200] * 20
             upstreams = []

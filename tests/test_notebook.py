@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from load_test.sample_images import write_samples
+
+pytestmark = pytest.mark.slow  # starts the real server
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "parallel_captions.ipynb"
 
@@ -18,11 +21,18 @@ def test_notebook_prints_the_servers_caption_for_every_image(server, reference, 
     monkeypatch.setenv("BLIP_IMAGE_DIR", str(images))
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it without outputs"
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        "commit it without outputs"
+    )
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
 
     printed = "".join(
-        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []) if output.get("name") == "stdout"
+        output.get("text", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.get("name") == "stdout"
     )
     for path in sorted(images.iterdir()):
         assert f"{path.name}: {reference.caption(path.read_bytes())}\n" in printed

@@ -12,15 +12,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from clients import post_concurrently
-from images import encode, scene, upload_corpus
-from load_test.client import parse_batch_histogram
+from support.clients import batch_histogram, post_caption, post_concurrently
+from support.images import encode, header_only_jpeg, scene, upload_corpus
+
+pytestmark = pytest.mark.slow  # starts the real server
 
 CORPUS = upload_corpus()
-
-
-def post_caption(server, files=None, data=None, **kwargs) -> httpx.Response:
-    return httpx.post(f"{server.url}/caption", files=files, data=data, timeout=60, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -64,10 +61,6 @@ def test_prompt_and_generation_options(server, reference):
     assert caption == reference.caption(data, prompt="a photography of", max_new_tokens=6, num_beams=2)
 
 
-def batch_histogram(server) -> dict[str, float]:
-    return parse_batch_histogram(httpx.get(f"{server.url}/metrics").text)
-
-
 def test_concurrent_requests_are_batched_and_all_correct(server, reference):
     images = [encode(scene(100 + i), "PNG") for i in range(24)]
     before = batch_histogram(server)
@@ -90,7 +83,9 @@ def test_readyz_and_livez(server):
 
 
 def test_one_log_line_per_request(server):
-    response = post_caption(server, files={"file": ("p.png", CORPUS["photo.png"])}, headers={"X-Request-ID": "log-me-42"})
+    response = post_caption(
+        server, files={"file": ("p.png", CORPUS["photo.png"])}, headers={"X-Request-ID": "log-me-42"}
+    )
     assert response.headers["x-request-id"] == "log-me-42"
     lines = [line for line in server.log_text().splitlines() if "request_id=log-me-42" in line]
     assert len(lines) == 1
@@ -110,8 +105,22 @@ ERROR_CASES = {
     "html": ({"file": ("a.html", b"<html><body>x</body></html>")}, None, 415, "not a supported image"),
     "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')}, None, 415, "not a supported image"),
     "pdf": ({"file": ("a.pdf", b"%PDF-1.4\n%%EOF")}, None, 415, "not a supported image"),
-    "truncated jpeg": ({"file": ("a.jpg", JPEG[: len(JPEG) // 2])}, None, 415, "could not be decoded"),
+    "truncated jpeg": ({"file": ("a.jpg", JPEG[: len(JPEG) // 2])}, None, 415, "not a complete, valid image"),
+    "header-only jpeg": ({"file": ("h.jpg", header_only_jpeg())}, None, 415, "truncated"),
     "pixel bomb": ({"file": ("b.png", encode(Image.new("L", (12000, 10000)), "PNG"))}, None, 413, "pixels"),
+    "side over the limit": ({"file": ("s.png", encode(Image.new("L", (13000, 1000)), "PNG"))}, None, 413, "no side"),
+    "8000x1 strip": (
+        {"file": ("w.png", encode(Image.new("RGB", (8000, 1)), "PNG"))},
+        None,
+        413,
+        "times its short side",
+    ),
+    "prompt + max_new_tokens over the positions": (
+        {"file": ("p.jpg", JPEG)},
+        {"prompt": "dog " * 40, "max_new_tokens": "100"},
+        400,
+        "positions",
+    ),
     "max_new_tokens too large": ({"file": ("p.jpg", JPEG)}, {"max_new_tokens": "100000"}, 400, "max_new_tokens"),
     "max_new_tokens not a number": ({"file": ("p.jpg", JPEG)}, {"max_new_tokens": "many"}, 400, "max_new_tokens"),
     "num_beams zero": ({"file": ("p.jpg", JPEG)}, {"num_beams": "0"}, 400, "num_beams"),
@@ -154,7 +163,10 @@ def test_chunked_upload_over_10_mb_is_413(server):
         yield f"\r\n--{boundary}--\r\n".encode()
 
     response = httpx.post(
-        f"{server.url}/caption", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60
+        f"{server.url}/caption",
+        content=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout=60,
     )
     assert response.status_code == 413
     assert response.json()["error"].startswith("the request body is larger")
@@ -196,4 +208,5 @@ def test_server_is_ready_after_bad_input(server, reference):
 def test_get_on_caption_is_json_405(server):
     response = httpx.get(f"{server.url}/caption")
     assert response.status_code == 405
-    assert response.json() == {"error": "Method Not Allowed"}
+    assert response.json() == {"error": "method not allowed here; send POST /caption"}
+    assert response.headers["x-request-id"]

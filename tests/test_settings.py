@@ -1,26 +1,66 @@
+"""Settings: validated once, with one line naming each bad variable; the README table in step."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
 import pytest
 
 from blip_serve.model import pick_precision
-from blip_serve.settings import Settings
+from blip_serve.settings import BadSetting, Settings, load_settings
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_defaults():
-    settings = Settings.from_env({})
+    settings = load_settings({})
     assert settings.model == ""  # the stored model if any, else DEFAULT_MODEL
     assert settings.max_upload_bytes == 10 * 1024 * 1024
+    assert settings.tracing is False
 
 
 def test_values_come_from_blip_variables():
-    settings = Settings.from_env({"BLIP_MODEL": "/models/blip", "BLIP_MAX_BATCH_SIZE": "4", "BLIP_TORCH_THREADS": "0"})
-    assert (settings.model, settings.max_batch_size, settings.torch_threads) == ("/models/blip", 4, 0)
+    settings = load_settings(
+        {"BLIP_MODEL": "/models/blip", "BLIP_MAX_BATCH_SIZE": "4", "BLIP_TRACING": "1", "OTHER": "x"}
+    )
+    assert (settings.model, settings.max_batch_size, settings.tracing) == ("/models/blip", 4, True)
 
 
-def test_a_bad_integer_names_its_variable():
-    with pytest.raises(ValueError, match="BLIP_MAX_BATCH_SIZE"):
-        Settings.from_env({"BLIP_MAX_BATCH_SIZE": "lots"})
+def test_the_process_environment_is_read(monkeypatch):
+    monkeypatch.setenv("BLIP_MAX_BEAMS", "2")
+    monkeypatch.setenv("BLIP_MODEL", "")  # empty: unset, as compose's ${BLIP_MODEL:-} passes it
+    assert (load_settings().max_beams, load_settings().model) == (2, "")
 
 
-def test_auto_precision_is_fp16_on_cuda_and_a_bad_name_is_refused():
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"BLIP_PRECISION": "fp8"}, "BLIP_PRECISION='fp8': must be one of auto, fp32, bf16, hybrid or fp16"),
+        ({"BLIP_MAX_BATCH_SIZE": "0"}, "BLIP_MAX_BATCH_SIZE='0': input should be greater than or equal to 1"),
+        ({"BLIP_DEVICE": "tpu"}, "BLIP_DEVICE='tpu': must be one of auto, cpu or cuda"),
+        ({"BLIP_MAX_BATCH_SIZE": "lots"}, "BLIP_MAX_BATCH_SIZE='lots': input should be a valid integer"),
+        ({"BLIP_TRACING": "maybe"}, "BLIP_TRACING='maybe': input should be a valid boolean"),
+        ({"BLIP_MAX_NEW_TOKENS": "500"}, "BLIP_MAX_NEW_TOKENS=500 is more than BLIP_MAX_NEW_TOKENS_LIMIT=100"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_variable_value_and_what_is_allowed(environ, message):
+    with pytest.raises(BadSetting) as raised:
+        load_settings(environ)
+    text = str(raised.value)
+    assert message in text and "\n" not in text
+
+
+def test_every_bad_variable_is_named_at_once():
+    with pytest.raises(BadSetting, match="BLIP_DEVICE=.*; BLIP_ATTENTION="):
+        load_settings({"BLIP_DEVICE": "tpu", "BLIP_ATTENTION": "flash"})
+
+
+def test_the_readme_table_documents_exactly_the_settings():
+    documented = set(re.findall(r"^\| `BLIP_([A-Z0-9_]+)` \|", README.read_text(), flags=re.MULTILINE))
+    assert documented == {name.upper() for name in Settings.model_fields}
+
+
+def test_auto_precision_is_fp16_on_cuda():
     assert pick_precision("auto", "cuda") == "fp16"
-    with pytest.raises(ValueError, match="BLIP_PRECISION"):
-        pick_precision("fp8", "cpu")
+    assert pick_precision("bf16", "cpu") == "bf16"

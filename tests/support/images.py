@@ -46,3 +46,11 @@ def with_alpha(image: Image.Image) -> Image.Image:
 def grey16(seed: int) -> Image.Image:
     grey = np.asarray(scene(seed).convert("L"), dtype=np.uint16) * 257
     return Image.fromarray(grey.astype(np.uint16), "I;16")
+
+
+def header_only_jpeg(width: int = 6000, height: int = 6000) -> bytes:
+    """A few hundred bytes that claim `width` x `height` pixels: a JPEG's headers, the start of its
+    scan, then an end-of-image marker. libjpeg pads the missing data with grey."""
+    data = encode(Image.new("RGB", (width, height)), "JPEG", quality=10)
+    start_of_scan = data.index(b"\xff\xda")
+    return data[: start_of_scan + 200] + b"\xff\xd9"

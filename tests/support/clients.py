@@ -1,4 +1,4 @@
-"""The concurrent client the tests share: aiohttp, as users write it."""
+"""The clients the tests share: aiohttp for concurrent requests, as users write it; httpx for one."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import asyncio
 from dataclasses import dataclass
 
 import aiohttp
+import httpx
+
+from load_test.client import parse_batch_histogram
 
 
 @dataclass
@@ -15,7 +18,9 @@ class Answer:
     body: dict
 
 
-def post_concurrently(url: str, images: list[bytes], headers: dict | None = None, timeout_s: float = 120) -> list[Answer]:
+def post_concurrently(
+    url: str, images: list[bytes], headers: dict | None = None, timeout_s: float = 120
+) -> list[Answer]:
     """POST every image to `url` (…/caption) at once, each as multipart field `file`; answers in order."""
 
     async def send_all() -> list[Answer]:
@@ -30,3 +35,13 @@ def post_concurrently(url: str, images: list[bytes], headers: dict | None = None
             return await asyncio.gather(*(send(data) for data in images))
 
     return asyncio.run(send_all())
+
+
+def post_caption(server, files=None, data=None, **kwargs) -> httpx.Response:
+    """One POST /caption with httpx, as a script would send it."""
+    return httpx.post(f"{server.url}/caption", files=files, data=data, timeout=60, **kwargs)
+
+
+def batch_histogram(server) -> dict[str, float]:
+    """The server's batch-size histogram, from its /metrics."""
+    return parse_batch_histogram(httpx.get(f"{server.url}/metrics").text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from blip_serve.images import decode_image
+from blip_serve.images import ImageLimits, decode_image
 
 
 class ReferenceCaptioner:
@@ -15,7 +15,7 @@ class ReferenceCaptioner:
 
     def caption(self, data: bytes, prompt: str | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:
         """The reference for uploaded bytes, decoded to RGB the way the server does it."""
-        return self.caption_image(decode_image(data, max_pixels=40_000_000), prompt, max_new_tokens, num_beams)
+        return self.caption_image(decode_image(data, ImageLimits()), prompt, max_new_tokens, num_beams)
 
     @torch.inference_mode()
     def caption_image(self, image, prompt: str | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:

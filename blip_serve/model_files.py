@@ -1,0 +1,62 @@
+"""Where BLIP's files come from: a local directory, the Hugging Face hub, or BentoML's model store.
+
+Imports only BentoML (no torch), so `import_model` and `bentoml build` stay light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import bentoml
+from bentoml.models import HuggingFaceModel
+
+from .settings import DEFAULT_MODEL
+
+STORE_MODEL = "blip-captioning"  # the name `python -m blip_serve.import_model` stores a model under
+HUB_EXCLUDE = ["tf_model.h5", "*.msgpack", "*.onnx"]
+
+
+class HubUnreachable(SystemExit):
+    """The model was to come from the hub, and the hub did not give it: one line, no traceback."""
+
+
+@attrs.define(unsafe_hash=True)
+class HubModel(HuggingFaceModel):
+    """bentoml.models.HuggingFaceModel that says what to do when the download fails, instead of a
+    40-line huggingface_hub traceback (BentoML resolves it when `bentoml serve` starts)."""
+
+    def resolve(self, base_path=None) -> str:
+        try:
+            return super().resolve(base_path)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HubUnreachable(
+                f"could not download {self.model_id} from the Hugging Face hub ({reason}). "
+                "Set BLIP_MODEL to a local BLIP directory, or import one into the model store with "
+                "`python -m blip_serve.import_model DIR`; to try the server without weights, "
+                "`python -m blip_serve.tiny_model models/tiny` and BLIP_MODEL=models/tiny."
+            ) from None
+
+
+def model_source(setting: str):
+    """Where BLIP's files come from, as a BentoML service class attribute:
+
+    - BLIP_MODEL a local directory: that directory (a str);
+    - BLIP_MODEL a hub id: a HubModel, downloaded when the server starts;
+    - BLIP_MODEL unset: the model store's `blip-captioning` (a BentoModel, which `bentoml build`
+      packs into the bento) when there is one, else the hub's Salesforce/blip-image-captioning-base.
+    """
+    if setting and Path(setting).is_dir():
+        return setting
+    if setting:
+        return HubModel(setting, exclude=HUB_EXCLUDE)
+    try:
+        return bentoml.models.BentoModel(bentoml.models.get(STORE_MODEL).tag)
+    except bentoml.exceptions.NotFound:
+        return HubModel(DEFAULT_MODEL, exclude=HUB_EXCLUDE)
+
+
+def model_dir(resolved) -> str:
+    """The directory behind a resolved model attribute: a path string, or a stored BentoML model."""
+    return str(getattr(resolved, "path", resolved))

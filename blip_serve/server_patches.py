@@ -1,0 +1,142 @@
+"""Workarounds for two things BentoML's server does that a public endpoint cannot afford.
+
+Applied once, from service.py, in every server process; each one is tested by the suite.
+
+1. bound_metric_labels: BentoML's metrics middleware labels every request with its raw path, so
+   each new unknown path a client sends adds ~20 series to /metrics (4,000 such requests made a
+   178 MB scrape). Here a request whose path matches no route skips that middleware: it still
+   gets its JSON 404, but adds no series. Upstream: RunnerTrafficMetricsMiddleware in
+   bentoml/_internal/server/http/instruments.py labels `endpoint=scope["path"]`.
+2. time_out_silent_connections: uvicorn's h11 protocol (what BentoML runs) starts no timer on a
+   new connection, nor while a request's headers trickle in, so a silent or slow client holds a
+   connection forever (slowloris). Here a connection that has not sent complete headers within
+   `header_timeout_s` (on connect, and after each response) gets a JSON 408 and is closed.
+   uvicorn's own 400 for bytes that are not HTTP is sent as JSON too.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.routing import Match
+
+
+def bound_metric_labels() -> None:
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    if getattr(RunnerTrafficMetricsMiddleware, "_blip_bounded", False):
+        return
+    labelled_call = RunnerTrafficMetricsMiddleware.__call__
+
+    async def call(self, scope, receive, send):
+        if scope["type"] == "http" and not has_route(self.app, scope):
+            return await self.app(scope, receive, send)  # unlabelled: no new series
+        return await labelled_call(self, scope, receive, send)
+
+    RunnerTrafficMetricsMiddleware.__call__ = call
+    RunnerTrafficMetricsMiddleware._blip_bounded = True
+
+
+def find_router(app):
+    """The Starlette router at the bottom of a middleware chain (each middleware holds `.app`)."""
+    for _ in range(64):
+        if hasattr(app, "routes") and not hasattr(app, "router"):
+            return app
+        app = getattr(app, "router", None) or getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def has_route(app, scope: dict) -> bool:
+    """Whether a route (any method) of `app`, or of an app mounted in it, matches the path.
+    Mounted apps without routes of their own (static files) count as no route."""
+    router = find_router(app)
+    if router is None:
+        return False
+    for route in router.routes:
+        match, child_scope = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        mounted = getattr(route, "app", None)
+        if child_scope.get("root_path") is not None and mounted is not None and hasattr(route, "routes"):
+            if has_route(mounted, {**scope, **child_scope}):
+                return True
+            continue
+        return True
+    return False
+
+
+def json_response_bytes(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode() + b"\n"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def time_out_silent_connections(header_timeout_s: float) -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if getattr(H11Protocol, "_blip_header_timeout", None) is not None:
+        H11Protocol._blip_header_timeout = header_timeout_s
+        return
+    H11Protocol._blip_header_timeout = header_timeout_s
+    timed_out = json_response_bytes(
+        408, "Request Timeout", f"no complete request headers within {header_timeout_s:g} s; connection closed"
+    )
+    not_http = json_response_bytes(400, "Bad Request", "the request is not valid HTTP/1.1")
+
+    def arm(self) -> None:
+        disarm(self)
+        if not self.transport.is_closing():
+            self._blip_header_timer = self.loop.call_later(self._blip_header_timeout, expire, self)
+
+    def disarm(self) -> None:
+        timer = getattr(self, "_blip_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._blip_header_timer = None
+
+    def waiting_for_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def expire(self) -> None:
+        self._blip_header_timer = None
+        if waiting_for_headers(self) and not self.transport.is_closing():
+            self.transport.write(timed_out)
+            self.transport.close()
+
+    original = {
+        name: getattr(H11Protocol, name)
+        for name in ("connection_made", "connection_lost", "handle_events", "on_response_complete")
+    }
+
+    def connection_made(self, transport) -> None:
+        original["connection_made"](self, transport)
+        arm(self)
+
+    def connection_lost(self, exc) -> None:
+        disarm(self)
+        original["connection_lost"](self, exc)
+
+    def handle_events(self) -> None:
+        original["handle_events"](self)
+        if not waiting_for_headers(self):
+            disarm(self)  # a request has begun: the body has its own timeout (BLIP_BODY_TIMEOUT_S)
+
+    def on_response_complete(self) -> None:
+        original["on_response_complete"](self)
+        if waiting_for_headers(self):
+            arm(self)  # an idle keep-alive connection, or the next request's headers trickling
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(not_http)
+        self.transport.close()
+
+    H11Protocol.connection_made = connection_made
+    H11Protocol.connection_lost = connection_lost
+    H11Protocol.handle_events = handle_events
+    H11Protocol.on_response_complete = on_response_complete
+    H11Protocol.send_400_response = send_400_response

@@ -1,0 +1,280 @@
+"""Hostile clients against the real server, directly and through nginx: silent and slow connections,
+client-chosen paths, and a mix of costly uploads beside normal traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from load_test.client import percentile
+from load_test.servers import BentoServer
+from support.images import encode, header_only_jpeg, scene
+from support.nginx import NginxServer
+
+pytestmark = pytest.mark.slow  # starts the real server
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
+TIMEOUT_S = 2  # BLIP_BODY_TIMEOUT_S and BLIP_HEADER_TIMEOUT_S of this module's server
+IMAGE = encode(scene(5, (640, 480)), "JPEG")
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_model_dir, tmp_path_factory):
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_BODY_TIMEOUT_S": str(TIMEOUT_S),
+        "BLIP_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+        # One torch thread leaves a core for the API worker and this test's own client. With torch
+        # on every core, any other busy thread stalls torch's threads at their barriers, which
+        # measures core sharing rather than the server's defences (README: Troubleshooting).
+        "BLIP_TORCH_THREADS": "1",
+    }
+    with BentoServer(env, tmp_path_factory.mktemp("strict") / "bentoml.log") as running:
+        yield running
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=TIMEOUT_S * 5)
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, data = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def multipart_head(length: int) -> bytes:
+    """Headers of a /caption upload of `length` bytes and the start of its file part."""
+    return (
+        f"POST /caption HTTP/1.1\r\nHost: x\r\nX-Request-ID: trickle-1\r\nContent-Length: {length}\r\n"
+        "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
+        '--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+    ).encode()
+
+
+def trickle(sock: socket.socket, payload: bytes, interval_s: float) -> None:
+    """Send `payload` a byte at a time while the server keeps the connection open."""
+    for byte in payload:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+        time.sleep(interval_s)
+
+
+def test_a_trickled_body_is_a_json_408_with_its_request_id(strict_server):
+    with connect(strict_server.url) as sock:
+        sock.sendall(multipart_head(10_000))
+        sock.settimeout(0.3)
+        started = time.monotonic()
+        answer = b""
+        while time.monotonic() - started < TIMEOUT_S * 4 and b"\r\n\r\n{" not in answer:
+            try:
+                sock.sendall(b"x")  # one byte every 0.3 s: never a stall, never done
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"x-request-id: trickle-1" in answer.lower()
+    assert b'{"error":"the request body did not arrive within 2 s; send it faster or smaller"}' in answer
+    assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 2
+    time.sleep(0.5)
+    assert "request_id=trickle-1 method=POST path=/caption status=408" in strict_server.log_text()
+
+
+def test_a_silent_connection_is_closed_with_a_json_408(strict_server):
+    with connect(strict_server.url) as sock:
+        answer, elapsed = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"no complete request headers within 2 s' in answer
+    assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 2
+
+
+def test_trickled_headers_are_cut_off(strict_server):
+    with connect(strict_server.url) as sock:
+        started = time.monotonic()
+        trickle(sock, b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, interval_s=0.2)
+        answer, _ = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - started < TIMEOUT_S + 2
+
+
+def test_an_idle_keep_alive_connection_is_closed(strict_server):
+    with connect(strict_server.url) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer, elapsed = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert elapsed < max(TIMEOUT_S, 5) + 2  # uvicorn's keep-alive (5 s) or the header timeout
+
+
+def test_bytes_that_are_not_http_get_a_json_400(strict_server):
+    with connect(strict_server.url) as sock:
+        sock.sendall(b"\x16\x03\x01 this is not http\r\n\r\n")
+        answer, _ = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.endswith(b'{"error": "the request is not valid HTTP/1.1"}\n')
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/livez", "/metrics", "/docs.json", "/no/such/path"])
+def test_every_response_carries_a_request_id(strict_server, path):
+    response = httpx.get(f"{strict_server.url}{path}", headers={"X-Request-ID": f"id-{path}"})
+    assert response.headers["x-request-id"] == f"id-{path}"
+
+
+def test_an_unknown_path_is_a_json_404(strict_server):
+    response = httpx.post(f"{strict_server.url}/captions/../../etc/passwd")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no such path; the API is POST /caption (see /docs.json)"}
+
+
+def test_unknown_paths_add_no_metric_series(strict_server):
+    def metrics_size() -> int:
+        return len(httpx.get(f"{strict_server.url}/metrics").content)
+
+    with httpx.Client(base_url=strict_server.url) as client:
+        client.get("/warm-up-path")  # the first 404 may add fixed series (status 404 on a known label)
+        before = metrics_size()
+        statuses = Counter(client.get(f"/unknown-{i}").status_code for i in range(2000))
+    after = metrics_size()
+    assert statuses == {404: 2000}
+    print(f"/metrics: {before} bytes before 2,000 unknown paths, {after} after")
+    assert after - before < 4096
+
+
+# Through nginx, with its timeouts shortened the same way.
+NGINX_TIMEOUTS = {"client_header_timeout": f"{TIMEOUT_S}s", "client_body_timeout": f"{TIMEOUT_S}s"}
+
+
+@pytest.fixture
+def strict_nginx(strict_server, nginx_prefix):
+    with NginxServer([strict_server.url], nginx_prefix, NGINX_TIMEOUTS) as running:
+        yield running
+
+
+@needs_nginx
+def test_nginx_answers_unknown_paths_itself(strict_nginx, strict_server):
+    response = httpx.get(f"{strict_nginx.url}/unknown-via-nginx")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no such path; the API is POST /caption (see /docs.json)"}
+    assert "unknown-via-nginx" not in strict_server.log_text()
+
+
+@needs_nginx
+def test_nginx_cuts_off_silent_and_trickling_clients(strict_nginx, strict_server):
+    with connect(strict_nginx.url) as sock:
+        _, elapsed = read_until_closed(sock)
+    assert elapsed < TIMEOUT_S + 2
+    with connect(strict_nginx.url) as sock:
+        sock.sendall(multipart_head(10_000))  # then silence
+        answer, elapsed = read_until_closed(sock)
+    assert elapsed < TIMEOUT_S + 2 and b" 5" not in answer[:12]  # closed (or 408), never a 5xx
+    assert "trickle-1" not in strict_server.log_text().split("status=408")[-1]  # never reached the bento
+
+
+@needs_nginx
+def test_nginx_limits_connections_per_client(strict_server, nginx_prefix):
+    directives = {**NGINX_TIMEOUTS, "limit_conn": "per_client 2"}
+    with NginxServer([strict_server.url], nginx_prefix, directives) as proxy:
+        held = [connect(proxy.url) for _ in range(2)]
+        for sock in held:  # two requests whose bodies are still arriving
+            sock.sendall(multipart_head(10_000))
+        time.sleep(0.3)
+        response = httpx.post(f"{proxy.url}/caption", files={"file": ("p.jpg", IMAGE)})
+        for sock in held:
+            sock.close()
+    assert response.status_code == 429
+    assert response.json() == {"error": "too many connections from this address; retry shortly"}
+
+
+# Costly uploads under the limits, mixed with normal traffic.
+def big_noise_png(width: int, height: int) -> bytes:
+    tile = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    return encode(Image.fromarray(np.tile(tile, (height // 64 + 1, width // 64 + 1, 1))[:height, :width]), "PNG")
+
+
+def exif_trap_jpeg() -> bytes:
+    entries = [(0x0112, 3, 1, 6), (0x0128, 4, 1, 70_000)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0" * 4
+    return encode(scene(9), "JPEG", exif=b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd)
+
+
+def api_worker(server) -> psutil.Process:
+    workers = [
+        p for p in psutil.Process(server.process.pid).children(recursive=True) if "CaptionAPI" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 1
+    return workers[0]
+
+
+async def normal_traffic(url: str, count: int, concurrency: int) -> list[tuple[int, float]]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one() -> tuple[int, float]:
+            async with slots:
+                started = time.perf_counter()
+                response = await client.post(f"{url}/caption", files={"file": ("p.jpg", IMAGE)})
+                return response.status_code, time.perf_counter() - started
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def bombs(url: str, uploads: list[bytes], rounds: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        statuses = []
+        for _ in range(rounds):
+            answers = await asyncio.gather(
+                *(client.post(f"{url}/caption", files={"file": ("b", data)}) for data in uploads)
+            )
+            statuses += [a.status_code for a in answers]
+        return statuses
+
+
+def test_costly_uploads_do_not_starve_normal_requests_or_keep_memory(strict_server):
+    url = strict_server.url
+    bomb_uploads = [big_noise_png(6324, 6324), big_noise_png(12000, 600), header_only_jpeg(), exif_trap_jpeg()] * 2
+    asyncio.run(normal_traffic(url, 20, 4))  # warm-up
+    asyncio.run(bombs(url, bomb_uploads, 1))
+    worker = api_worker(strict_server)
+    rss_start = worker.memory_info().rss
+
+    quiet = asyncio.run(normal_traffic(url, 60, 4))
+
+    async def under_attack():
+        return await asyncio.gather(normal_traffic(url, 60, 4), bombs(url, bomb_uploads, 3))
+
+    attacked, bomb_statuses = asyncio.run(under_attack())
+    rss_end = worker.memory_info().rss
+
+    quiet_p95 = percentile([t for _, t in quiet], 95)
+    attacked_p95 = percentile([t for _, t in attacked], 95)
+    print(
+        f"normal p95 quiet {quiet_p95:.3f} s, under attack {attacked_p95:.3f} s; bombs {dict(Counter(bomb_statuses))}; "
+        f"API worker RSS {rss_start >> 20} -> {rss_end >> 20} MB"
+    )
+    assert [s for s, _ in quiet + attacked] == [200] * 120
+    assert max(bomb_statuses) < 500 and set(bomb_statuses) == {200, 415}
+    assert attacked_p95 < 2 * max(quiet_p95, 0.05)
+    assert rss_end < rss_start * 1.2
+
+
+def test_the_api_worker_loads_no_torch(strict_server):
+    worker = api_worker(strict_server)
+    maps = Path(f"/proc/{worker.pid}/maps").read_text()
+    print(f"API worker RSS {worker.memory_info().rss >> 20} MB")
+    assert "libtorch" not in maps

@@ -1,0 +1,139 @@
+"""The API's HTTP plumbing in-process, no server: RequestGuard and RequestLog driven through a
+synthetic ASGI receive/send, the validation messages, and the error rendering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import FastAPI, Request
+
+from blip_serve.errors import Unavailable
+from blip_serve.http import RequestGuard, RequestLog, install_error_handlers, log_fields, validation_message
+
+
+def echo_app() -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        log_fields(request)["size"] = len(await request.body())
+        return {"bytes": len(await request.body())}
+
+    @app.post("/slow")
+    async def slow() -> dict:
+        await asyncio.sleep(5)
+        return {}
+
+    @app.post("/busy")
+    async def busy() -> dict:
+        raise Unavailable("the server is at capacity; retry shortly")
+
+    return app
+
+
+def call(
+    app, path: str, chunks: list[bytes], *, gap_s: float = 0.0, headers: list | None = None
+) -> tuple[int, dict, dict]:
+    """Send `chunks` as the body (each after `gap_s`), return (status, headers, JSON body)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers or [],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "root_path": "",
+    }
+    sent: list[dict] = []
+
+    async def run() -> None:
+        pending = list(chunks)
+
+        async def receive() -> dict:
+            if not pending:
+                await asyncio.sleep(3600)  # a client that went silent
+            await asyncio.sleep(gap_s)
+            body = pending.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    asyncio.run(run())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(body)
+
+
+def guarded(max_bytes=1000, body_timeout_s=5.0, request_timeout_s=10.0):
+    return RequestGuard(
+        echo_app(), max_bytes=max_bytes, body_timeout_s=body_timeout_s, request_timeout_s=request_timeout_s
+    )
+
+
+def test_a_body_within_the_limits_passes():
+    assert call(guarded(), "/echo", [b"a" * 400, b"b" * 400])[0::2] == (200, {"bytes": 800})
+
+
+def test_a_declared_length_over_the_limit_is_413_before_reading():
+    status, _, body = call(guarded(), "/echo", [], headers=[(b"content-length", b"5000")])
+    assert (status, body) == (413, {"error": "the request body is larger than 0.000953674 MB"})
+
+
+def test_an_undeclared_body_over_the_limit_is_413_as_it_arrives():
+    status, _, body = call(guarded(), "/echo", [b"a" * 600, b"b" * 600, b"never read"])
+    assert status == 413 and body["error"].startswith("the request body is larger than")
+
+
+def test_a_trickled_body_is_408_within_the_body_timeout():
+    status, _, body = call(guarded(body_timeout_s=0.3), "/echo", [b"a"] * 10, gap_s=0.1)
+    assert (status, body) == (408, {"error": "the request body did not arrive within 0.3 s; send it faster or smaller"})
+
+
+def test_a_stalled_body_is_408():
+    status, _, _ = call(guarded(body_timeout_s=0.2), "/echo", [])  # headers, then silence
+    assert status == 408
+
+
+def test_a_request_over_the_time_limit_is_a_json_504():
+    status, _, body = call(guarded(request_timeout_s=0.2), "/slow", [b""])
+    assert (status, body) == (504, {"error": "no caption within 0.2 s; retry later"})
+
+
+def test_service_errors_keep_their_status_and_headers():
+    status, headers, body = call(guarded(), "/busy", [b""])
+    assert (status, headers["retry-after"], body) == (503, "5", {"error": "the server is at capacity; retry shortly"})
+
+
+def test_request_log_adds_the_id_and_logs_the_status_sent(caplog):
+    app = RequestLog(guarded(body_timeout_s=0.2))
+    with caplog.at_level(logging.INFO, logger="bentoml.blip_serve"):
+        status, headers, _ = call(app, "/echo", [], headers=[(b"x-request-id", b"abc-1\x07")])
+        ok_status, ok_headers, _ = call(app, "/echo", [b"xyz"])
+    assert status == 408 and headers["x-request-id"] == "abc-1"  # unprintable characters dropped
+    assert len(ok_headers["x-request-id"]) == 32
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("request_id=abc-1 method=POST path=/echo status=408" in line for line in lines)
+    assert any("status=200" in line and line.endswith("size=3") for line in lines)
+
+
+def test_validation_messages_name_the_field_and_the_fix():
+    message = validation_message(
+        [
+            {"type": "missing", "loc": ("body", "file"), "msg": "Field required"},
+            {"type": "less_than_equal", "loc": ("body", "num_beams"), "msg": "Input should be less than or equal to 4"},
+        ]
+    )
+    assert message == (
+        "missing form field 'file': send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg); "
+        "'num_beams': Input should be less than or equal to 4"
+    )

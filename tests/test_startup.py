@@ -1,0 +1,55 @@
+"""`bentoml serve` that cannot start says why in one line, within seconds: a bad setting, or no
+model (the hub unreachable and no BLIP_MODEL)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from load_test.servers import BENTOML, REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def serve(env: dict[str, str], home) -> tuple[int, str, float]:
+    environ = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env}
+    started = time.monotonic()
+    result = subprocess.run(
+        [BENTOML, "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "variable, value, allowed",
+    [
+        ("BLIP_PRECISION", "fp8", "must be one of auto, fp32, bf16, hybrid or fp16"),
+        ("BLIP_MAX_BATCH_SIZE", "0", "input should be greater than or equal to 1"),
+        ("BLIP_DEVICE", "tpu", "must be one of auto, cpu or cuda"),
+    ],
+)
+def test_a_bad_setting_stops_the_server_with_one_line(tiny_model_dir, tmp_path, variable, value, allowed):
+    code, output, elapsed = serve({"BLIP_MODEL": tiny_model_dir, variable: value}, tmp_path)
+    assert code != 0
+    assert output.strip() == f"invalid settings: {variable}={value!r}: {allowed}"
+    assert elapsed < 30
+
+
+def test_no_hub_and_no_model_says_what_to_do(tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub is unreachable
+    env = {"HF_ENDPOINT": closed, "BLIP_MODEL": ""}
+    code, output, elapsed = serve(env, tmp_path)  # an empty BENTOML_HOME: no stored model either
+    lines = [line for line in output.strip().splitlines() if "torchvision" not in line]
+    assert code != 0 and len(lines) == 1, output
+    assert lines[0].startswith("could not download Salesforce/blip-image-captioning-base from the Hugging Face hub")
+    assert "Set BLIP_MODEL to a local BLIP directory" in lines[0]
+    assert "python -m blip_serve.tiny_model models/tiny" in lines[0]
+    assert "Traceback" not in output and elapsed < 60
