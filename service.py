@@ -39,7 +39,7 @@ from blip_serve.images import (
     return_freed_memory_to_os,
 )
 from blip_serve.jobs import CaptionJob, CaptionResult
-from blip_serve.model_client import caption_jobs
+from blip_serve.model_client import send_jobs
 from blip_serve.model_files import model_dir, model_source
 from blip_serve.settings import load_settings
 from blip_serve.text_limits import TextLimits
@@ -82,7 +82,7 @@ class BlipModelService:
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
-        return self.captioner.caption_batch(jobs)
+        return self.captioner.caption_jobs(jobs)
 
 
 class CaptionResponse(BaseModel):
@@ -162,7 +162,7 @@ class CaptionAPI:
         decoded = time.perf_counter()
 
         job = CaptionJob(pixels=image.pixels, prompt=job_prompt, max_new_tokens=job_tokens, num_beams=num_beams or 1)
-        [result] = await caption_jobs(self.model.to_async.caption_batch, [job])
+        [result] = await send_jobs(self.model.to_async.caption_batch, [job])
         log_fields(request).update(
             image=f"{image.width}x{image.height}",
             decode_ms=f"{(decoded - started) * 1000:.1f}",

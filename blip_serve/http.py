@@ -22,15 +22,24 @@ logger = logging.getLogger("bentoml.blip_serve")  # under "bentoml": BentoML's l
 FIELD_HINTS = {
     "file": "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)",
 }
-HTTP_HINTS = {
-    404: "no such path; the API is POST /caption (see /docs.json)",
-    405: "method not allowed here; send POST /caption",
-}
+NOT_FOUND = "no such path; the API is POST /caption (see /docs.json)"
 QUIET_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")  # probes and scrapes: not logged
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def method_not_allowed(scope: Scope, allowed: str) -> str:
+    return f"{scope.get('method')} is not allowed on {scope.get('path', '')[:200]}; use {allowed or 'another method'}"
+
+
+def plain_error_message(scope: Scope, status: int, headers: dict[bytes, bytes]) -> str:
+    if status == 404:
+        return NOT_FOUND
+    if status == 405:
+        return method_not_allowed(scope, headers.get(b"allow", b"").decode("latin-1"))
+    return HTTPStatus(status).phrase
 
 
 def validation_message(errors: list[dict]) -> str:
@@ -57,17 +66,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.scope.get("state", {}).get("multipart_complete") is False:
+            return error_response(400, CUT_OFF)  # not "missing field": the upload ended early
         return error_response(400, validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        message = HTTP_HINTS.get(exc.status_code) or str(exc.detail)
-        return error_response(exc.status_code, message, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None) or {}
+        if exc.status_code in (404, 405):
+            allow = {k.lower().encode(): v.encode() for k, v in headers.items()}
+            message = plain_error_message(request.scope, exc.status_code, allow)
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error for request %s", request.scope.get("state", {}).get("request_id", "-"))
         return error_response(500, "internal error: the server failed to caption this image; see its log")
+
+
+CUT_OFF = "the multipart body ended before its closing boundary: the upload was cut off; send the whole request"
 
 
 class RequestGuard:
@@ -91,12 +110,14 @@ class RequestGuard:
 
         received = 0
         body_done = False
+        closing = multipart_closing(scope)  # b"--boundary--" of a multipart body, or None
+        tail = b""
         body_deadline = time.monotonic() + self.body_timeout_s
         refusal: JSONResponse | None = None  # set once the body broke a limit
         started = False
 
         async def guarded_receive() -> Message:
-            nonlocal received, refusal, body_done
+            nonlocal received, refusal, body_done, tail
             if body_done:  # later reads only wait for a disconnect
                 return await receive()
             try:
@@ -109,6 +130,10 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
+                if closing is not None:  # did the body end with its closing boundary?
+                    tail = (tail + message.get("body", b""))[-(len(closing) + 8) :]
+                    if body_done:
+                        scope.setdefault("state", {})["multipart_complete"] = closing in tail
                 if received > self.max_bytes:
                     refusal = error_response(413, too_large)
                     raise BodyRefused()
@@ -140,6 +165,18 @@ class RequestGuard:
 
 class BodyRefused(Exception):
     pass
+
+
+def multipart_closing(scope: Scope) -> bytes | None:
+    """The closing delimiter (b"--<boundary>--") of a multipart request, or None."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+    if not content_type.lower().startswith("multipart/"):
+        return None
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.strip().partition("=")
+        if name.lower() == "boundary" and value:
+            return b"--" + value.strip('"').encode("latin-1") + b"--"
+    return None
 
 
 class RequestLog:
@@ -202,7 +239,7 @@ class JsonErrors:
                 headers = dict(message.get("headers", []))
                 if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
                     replacing = True
-                    text = HTTP_HINTS.get(message["status"]) or HTTPStatus(message["status"]).phrase
+                    text = plain_error_message(scope, message["status"], headers)
                     kept = {k: v for k, v in headers.items() if k.lower() in (b"allow", b"retry-after")}
                     response = error_response(
                         message["status"], text, {k.decode(): v.decode() for k, v in kept.items()}

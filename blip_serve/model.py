@@ -156,7 +156,7 @@ class BlipCaptioner:
             self.threads,
         )
 
-    def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
+    def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """One result per job, in order. Jobs that share prompt and options share one generate."""
         results: list[CaptionResult | None] = [None] * len(jobs)
         for indices in group_jobs(jobs):

@@ -30,7 +30,7 @@ def queue_full(exc: BaseException) -> bool:
     return isinstance(exc, BentoMLException) and exc.error_code == 503
 
 
-async def caption_jobs(
+async def send_jobs(
     call: Callable[[list[CaptionJob]], Awaitable[list[CaptionResult]]], jobs: list[CaptionJob]
 ) -> list[CaptionResult]:
     """`call(jobs)`, sent once more if it was lost on its connection. Raises Unavailable (503,

@@ -30,10 +30,10 @@ def make_jobs(model_dir: str, count: int, tokens: int) -> list[CaptionJob]:
 def measure(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, repeats: int) -> tuple[float, list[str]]:
     """Images per second over `repeats` batches (after one warm-up batch), and the captions."""
     batch = jobs[:batch_size]
-    captioner.caption_batch(batch)  # warm-up: first-call allocations and kernel selection
+    captioner.caption_jobs(batch)  # warm-up: first-call allocations and kernel selection
     started = time.perf_counter()
     for _ in range(repeats):
-        results = captioner.caption_batch(batch)
+        results = captioner.caption_jobs(batch)
     return batch_size * repeats / (time.perf_counter() - started), [r.caption for r in results]
 
 

@@ -78,10 +78,19 @@ def plot(steps: list[StepReport], path: Path) -> None:
         right.plot(loads, p95, marker="o", label=server)
     left.set(xlabel="concurrent clients", ylabel="images / s", title="Throughput")
     right.set(xlabel="concurrent clients", ylabel="seconds", title="p95 latency", yscale="log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 1, 4, 8, 16 and 0.5, 10: not 2^k or 3x10^1
+    loads = sorted({s.load for s in steps if s.mode == "closed"})
     for axis in (left, right):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(loads)
+        axis.xaxis.set_major_formatter(plain)
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "125" else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

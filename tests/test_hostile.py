@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 from test_service import ERROR_CASES
 
-from support.clients import post_caption
+from support.clients import post_caption, post_concurrently
 from support.images import encode, grey16, scene
 
 pytestmark = pytest.mark.slow  # starts the real server
@@ -66,6 +66,22 @@ def test_exif_rotation_is_undone_before_captioning(server, reference):
     assert caption != reference.caption_image(sideways), "the test image must caption differently sideways"
 
 
+def test_bad_requests_in_a_burst_never_fail_their_batch_mates(server, reference):
+    """25 concurrent requests, 4 of them with a prompt whose tokens plus max_new_tokens pass the
+    model's positions (before: an IndexError inside generate failed whole batches with 500)."""
+    good = [encode(scene(500 + i), "PNG") for i in range(21)]
+    overflow = {"prompt": "dog " * 40, "max_new_tokens": "100"}
+    images = good[:5] + [good[0]] + good[5:10] + [good[1]] + good[10:15] + [good[2]] + good[15:] + [good[3]]
+    fields = [overflow if i in (5, 11, 17, 24) else {} for i in range(25)]
+    answers = post_concurrently(f"{server.url}/caption", images, fields=fields)
+
+    bad = [answers[i] for i in (5, 11, 17, 24)]
+    ok = [a for i, a in enumerate(answers) if i not in (5, 11, 17, 24)]
+    assert [a.status for a in bad] == [400] * 4 and all("positions" in a.body["error"] for a in bad)
+    assert [a.status for a in ok] == [200] * 21
+    assert [a.body["caption"] for a in ok] == [reference.caption(data) for data in good]
+
+
 def malformed_multipart(server, body: bytes, boundary: str = "b0undary") -> httpx.Response:
     return httpx.post(
         f"{server.url}/caption",
@@ -81,6 +97,14 @@ MALFORMED = {
     "part without headers": b"--b0undary\r\n\r\n\r\nzzz\r\n--b0undary--\r\n",
     "no boundary in header": None,
 }
+
+
+def test_a_body_cut_off_mid_upload_says_so(server):
+    response = malformed_multipart(server, MALFORMED["no closing boundary"])
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "the multipart body ended before its closing boundary: the upload was cut off; send the whole request"
+    }
 
 
 @pytest.mark.parametrize("case", MALFORMED)

@@ -15,7 +15,7 @@ from starlette.routing import Mount, Route
 
 from blip_serve.errors import BadRequest, Unavailable
 from blip_serve.jobs import CaptionJob, CaptionResult, group_jobs
-from blip_serve.model_client import caption_jobs, lost_on_its_connection, queue_full
+from blip_serve.model_client import lost_on_its_connection, queue_full, send_jobs
 from blip_serve.server_patches import has_route
 from blip_serve.text_limits import TextLimits
 
@@ -41,8 +41,8 @@ def test_lost_connections_are_retried_and_nothing_else():
     assert not queue_full(BentoMLException("bad", error_code=500))
 
 
-def run_caption_jobs(failures: list[Exception]) -> tuple[list | Exception, int]:
-    """caption_jobs with a call that raises each of `failures` in turn, then answers."""
+def run_send_jobs(failures: list[Exception]) -> tuple[list | Exception, int]:
+    """send_jobs with a call that raises each of `failures` in turn, then answers."""
     calls = 0
 
     async def call(jobs):
@@ -53,25 +53,25 @@ def run_caption_jobs(failures: list[Exception]) -> tuple[list | Exception, int]:
         return [CaptionResult(caption="ok")]
 
     try:
-        return asyncio.run(caption_jobs(call, [job()])), calls
+        return asyncio.run(send_jobs(call, [job()])), calls
     except Exception as exc:
         return exc, calls
 
 
 def test_a_call_lost_once_is_sent_once_more():
-    results, calls = run_caption_jobs([aiohttp.ServerDisconnectedError()])
+    results, calls = run_send_jobs([aiohttp.ServerDisconnectedError()])
     assert calls == 2 and results[0].caption == "ok"
 
 
 def test_a_call_lost_twice_is_a_503():
-    error, calls = run_caption_jobs([aiohttp.ServerDisconnectedError(), RuntimeError("Session is closed")])
+    error, calls = run_send_jobs([aiohttp.ServerDisconnectedError(), RuntimeError("Session is closed")])
     assert calls == 2 and isinstance(error, Unavailable) and "restarting" in error.message
 
 
 def test_a_full_queue_is_a_503_at_once_and_other_errors_propagate():
-    error, calls = run_caption_jobs([BentoMLException("full", error_code=503)])
+    error, calls = run_send_jobs([BentoMLException("full", error_code=503)])
     assert calls == 1 and isinstance(error, Unavailable) and "capacity" in error.message
-    error, calls = run_caption_jobs([KeyError("bug")])
+    error, calls = run_send_jobs([KeyError("bug")])
     assert calls == 1 and isinstance(error, KeyError)
 
 

@@ -40,7 +40,7 @@ def test_normalized_pixels_equal_the_image_processor_bit_for_bit(captioner, tiny
 
 
 def test_a_batch_equals_one_generate_per_image(captioner, jobs, reference):
-    results = captioner.caption_batch([job for _, job in jobs])
+    results = captioner.caption_jobs([job for _, job in jobs])
     assert [r.caption for r in results] == [reference.caption(data, max_new_tokens=20) for data, _ in jobs]
 
 
@@ -49,7 +49,7 @@ def test_failing_jobs_fail_alone_and_the_rest_are_captioned(captioner, jobs, ref
     wrong_shape = CaptionJob(pixels=np.zeros((3, 10, 10), np.uint8), max_new_tokens=20)
     too_long = CaptionJob(pixels=good[0].pixels, prompt="dog " * 120, max_new_tokens=20)  # past the positions
     batch = good[:3] + [wrong_shape] + good[3:6] + [too_long] + good[6:]
-    results = captioner.caption_batch(batch)
+    results = captioner.caption_jobs(batch)
 
     assert [r.status for r in results] == [200] * 3 + [400] + [200] * 3 + [400] + [200] * 2
     captions = [r.caption for r in results if r.status == 200]
@@ -68,6 +68,6 @@ def test_an_unexpected_failure_is_a_500_for_that_job_only(captioner, jobs, monke
 
     monkeypatch.setattr(captioner, "generate", generate_that_fails_on_a_marked_image)
     marked = jobs[0][1].model_copy(update={"pixels": np.full_like(jobs[0][1].pixels, 7)})
-    results = captioner.caption_batch([job for _, job in jobs[:4]] + [marked])
+    results = captioner.caption_jobs([job for _, job in jobs[:4]] + [marked])
     assert [r.status for r in results] == [200, 200, 200, 200, 500]
     assert results[4].error == "internal error: the model failed on this image; see the server log"

@@ -205,8 +205,14 @@ def test_server_is_ready_after_bad_input(server, reference):
     assert response.json() == {"caption": reference.caption(JPEG)}
 
 
+def test_post_on_readyz_is_json_405_naming_what_works(server):
+    response = httpx.post(f"{server.url}/readyz")
+    assert response.status_code == 405
+    assert response.json() == {"error": "POST is not allowed on /readyz; use GET, HEAD"}
+
+
 def test_get_on_caption_is_json_405(server):
     response = httpx.get(f"{server.url}/caption")
     assert response.status_code == 405
-    assert response.json() == {"error": "method not allowed here; send POST /caption"}
+    assert response.json() == {"error": "GET is not allowed on /caption; use POST"}
     assert response.headers["x-request-id"]

@@ -19,20 +19,25 @@ class Answer:
 
 
 def post_concurrently(
-    url: str, images: list[bytes], headers: dict | None = None, timeout_s: float = 120
+    url: str, images: list[bytes], headers: dict | None = None, timeout_s: float = 120, fields: list[dict] | None = None
 ) -> list[Answer]:
-    """POST every image to `url` (…/caption) at once, each as multipart field `file`; answers in order."""
+    """POST every image to `url` (…/caption) at once, each as multipart field `file` (with the form
+    `fields` of the same index, if given); answers in order."""
 
     async def send_all() -> list[Answer]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
-            async def send(data: bytes) -> Answer:
+            async def send(data: bytes, extra: dict) -> Answer:
                 form = aiohttp.FormData()
                 form.add_field("file", data, filename="upload", content_type="application/octet-stream")
+                for name, value in extra.items():
+                    form.add_field(name, value)
                 async with session.post(url, data=form, headers=headers or {}) as response:
                     return Answer(response.status, response.headers.get("Retry-After"), await response.json())
 
-            return await asyncio.gather(*(send(data) for data in images))
+            return await asyncio.gather(
+                *(send(data, extra) for data, extra in zip(images, fields or [{}] * len(images)))
+            )
 
     return asyncio.run(send_all())
 
