@@ -57,7 +57,6 @@ TRACING = {} if settings.tracing else {"excluded_urls": "/"}
 LOGGING = {"access": {"enabled": False}}
 
 server_patches.bound_metric_labels()
-server_patches.time_out_silent_connections(settings.header_timeout_s)
 
 
 @bentoml.service(
@@ -116,6 +115,7 @@ class CaptionAPI:
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
+        server_patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
         files = model_dir(self.model_files)
         self.resize = ResizeSpec.from_model_dir(files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)

@@ -38,7 +38,8 @@ def plain_error_message(scope: Scope, status: int, headers: dict[bytes, bytes]) 
     if status == 404:
         return NOT_FOUND
     if status == 405:
-        return method_not_allowed(scope, headers.get(b"allow", b"").decode("latin-1"))
+        allowed = headers.get(b"allow", b"").decode("latin-1")
+        return method_not_allowed(scope, ", ".join(sorted(m.strip() for m in allowed.split(",") if m.strip())))
     return HTTPStatus(status).phrase
 
 

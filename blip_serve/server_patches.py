@@ -10,8 +10,11 @@ Applied once, from service.py, in every server process; each one is tested by th
 2. time_out_silent_connections: uvicorn's h11 protocol (what BentoML runs) starts no timer on a
    new connection, nor while a request's headers trickle in, so a silent or slow client holds a
    connection forever (slowloris). Here a connection that has not sent complete headers within
-   `header_timeout_s` (on connect, and after each response) gets a JSON 408 and is closed.
-   uvicorn's own 400 for bytes that are not HTTP is sent as JSON too.
+   `header_timeout_s` (on connect, and after each response) is closed: with a JSON 408 if part of
+   a request had arrived, silently if nothing had (as a keep-alive timeout closes, so that a client
+   that sends just then sees a closed connection, which it retries, not a 408 for its request).
+   uvicorn's own 400 for bytes that are not HTTP is sent as JSON too. Applied in the API process
+   only: the model service's connections come from the API service.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
 
     def arm(self) -> None:
         disarm(self)
+        self._blip_partial = False  # no byte of the next request yet
         if not self.transport.is_closing():
             self._blip_header_timer = self.loop.call_later(self._blip_header_timeout, expire, self)
 
@@ -105,12 +109,13 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
     def expire(self) -> None:
         self._blip_header_timer = None
         if waiting_for_headers(self) and not self.transport.is_closing():
-            self.transport.write(timed_out)
+            if getattr(self, "_blip_partial", False):
+                self.transport.write(timed_out)
             self.transport.close()
 
     original = {
         name: getattr(H11Protocol, name)
-        for name in ("connection_made", "connection_lost", "handle_events", "on_response_complete")
+        for name in ("connection_made", "connection_lost", "data_received", "handle_events", "on_response_complete")
     }
 
     def connection_made(self, transport) -> None:
@@ -120,6 +125,11 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
     def connection_lost(self, exc) -> None:
         disarm(self)
         original["connection_lost"](self, exc)
+
+    def data_received(self, data: bytes) -> None:
+        if waiting_for_headers(self) and data:
+            self._blip_partial = True
+        original["data_received"](self, data)
 
     def handle_events(self) -> None:
         original["handle_events"](self)
@@ -137,6 +147,7 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
 
     H11Protocol.connection_made = connection_made
     H11Protocol.connection_lost = connection_lost
+    H11Protocol.data_received = data_received
     H11Protocol.handle_events = handle_events
     H11Protocol.on_response_complete = on_response_complete
     H11Protocol.send_400_response = send_400_response

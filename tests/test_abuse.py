@@ -98,10 +98,10 @@ def test_a_trickled_body_is_a_json_408_with_its_request_id(strict_server):
     assert "request_id=trickle-1 method=POST path=/caption status=408" in strict_server.log_text()
 
 
-def test_a_silent_connection_is_closed_with_a_json_408(strict_server):
+def test_a_silent_connection_is_closed(strict_server):
     with connect(strict_server.url) as sock:
         answer, elapsed = read_until_closed(sock)
-    assert answer.startswith(b"HTTP/1.1 408 ") and b'"no complete request headers within 2 s' in answer
+    assert answer == b""  # closed without an answer, as a keep-alive timeout closes
     assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 2
 
 
@@ -110,7 +110,7 @@ def test_trickled_headers_are_cut_off(strict_server):
         started = time.monotonic()
         trickle(sock, b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, interval_s=0.2)
         answer, _ = read_until_closed(sock)
-    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"no complete request headers within 2 s' in answer
     assert time.monotonic() - started < TIMEOUT_S + 2
 
 
