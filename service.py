@@ -2,11 +2,15 @@
 
 The request path, top to bottom:
 
-    POST /caption (multipart field "file")                      CaptionAPI.post_caption, async
+    POST /caption (multipart field "file", JSON base64, or the raw image)  CaptionAPI.post_caption
+      -> uploads.read_one: the image bytes and options, or a 4xx  blip_serve/uploads.py
       -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/text_limits.py
       -> prepare_image: bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/images.py
       -> BlipModelService.caption_batch: adaptive batch, one generate  blip_serve/model.py
       -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/http.py
+
+    POST /captions (up to 32 "file" parts) takes the same path, all images in one model call, and
+    answers {"captions": [{"filename", "caption"} or {"filename", "error", "status"}, ...]}.
 
 CaptionAPI's processes never import torch; BlipModelService's one process owns BLIP. Settings are
 read once from BLIP_* environment variables (blip_serve/settings.py, README table).
@@ -19,19 +23,18 @@ import hmac
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated
 
 import bentoml
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from blip_serve import server_patches
-from blip_serve.errors import BadRequest, ServiceError, Unauthorized
+from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
 from blip_serve.images import (
-    ACCEPTED_TEXT,
     LARGE_IMAGE_PIXELS,
     ImageLimits,
+    PreparedImage,
     ResizeSpec,
     declared_pixels,
     lower_thread_priority,
@@ -43,6 +46,7 @@ from blip_serve.model_client import send_jobs
 from blip_serve.model_files import model_dir, model_source
 from blip_serve.settings import load_settings
 from blip_serve.text_limits import TextLimits
+from blip_serve.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
 
 settings = load_settings()  # a bad BLIP_* value stops the server here, with one line
 
@@ -88,6 +92,17 @@ class CaptionResponse(BaseModel):
     caption: str
 
 
+class PartResult(BaseModel):
+    filename: str
+    caption: str | None = None
+    error: str | None = None
+    status: int = 200
+
+
+class CaptionsResponse(BaseModel):
+    captions: list[PartResult]
+
+
 class ErrorResponse(BaseModel):
     error: str
 
@@ -109,7 +124,7 @@ install_error_handlers(app)
 )
 @bentoml.asgi_app(app, path="/")
 class CaptionAPI:
-    """Owns POST /caption: checks the request, prepares the image, awaits BlipModelService."""
+    """Owns POST /caption and /captions: reads the upload, prepares each image, awaits BlipModelService."""
 
     model = bentoml.depends(BlipModelService)
     model_files = MODEL_FILES
@@ -117,6 +132,7 @@ class CaptionAPI:
     def __init__(self) -> None:
         server_patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
         files = model_dir(self.model_files)
+        self.uploads = UploadReader(settings)
         self.resize = ResizeSpec.from_model_dir(files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
         self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
@@ -127,42 +143,15 @@ class CaptionAPI:
         self.large_decodes = ThreadPoolExecutor(slots, "large-decode", initializer=lower_thread_priority)
         return_freed_memory_to_os()
 
-    @app.post("/caption", response_model=CaptionResponse)
-    async def post_caption(
-        self,
-        request: Request,
-        file: Annotated[UploadFile, File(description=f"the image: {ACCEPTED_TEXT}")],
-        prompt: Annotated[
-            str | None,
-            Form(
-                max_length=settings.max_prompt_chars, description='text for BLIP to continue, e.g. "a photography of"'
-            ),
-        ] = None,
-        max_new_tokens: Annotated[
-            int | None, Form(ge=1, le=settings.max_new_tokens_limit, description="caption length cap in tokens")
-        ] = None,
-        num_beams: Annotated[int | None, Form(ge=1, le=settings.max_beams, description="beam search width")] = None,
-    ) -> CaptionResponse:
+    @app.post("/caption", response_model=CaptionResponse, openapi_extra=caption_bodies(settings))
+    async def post_caption(self, request: Request) -> CaptionResponse:
         check_api_key(request)
-        if len((await request.form()).getlist("file")) > 1:
-            raise BadRequest("send exactly one 'file' part; this request has several")
-        job_prompt = (prompt or "").strip() or None
-        job_tokens = max_new_tokens or settings.max_new_tokens
-        self.text_limits.check(job_prompt, job_tokens)  # before the queue: a bad job never joins a batch
-
-        data = await file.read()
+        upload, options = await self.uploads.read_one(request)
+        self.text_limits.check(options.prompt, options.max_new_tokens)  # before the queue
         started = time.perf_counter()
-        if declared_pixels(data) > LARGE_IMAGE_PIXELS:
-            decoding = asyncio.get_running_loop().run_in_executor(
-                self.large_decodes, prepare_image, data, self.image_limits, self.resize
-            )
-        else:  # Pillow is CPU work: off the event loop either way
-            decoding = asyncio.to_thread(prepare_image, data, self.image_limits, self.resize)
-        image = await decoding
+        image = await self.prepare(upload.data)
         decoded = time.perf_counter()
-
-        job = CaptionJob(pixels=image.pixels, prompt=job_prompt, max_new_tokens=job_tokens, num_beams=num_beams or 1)
-        [result] = await send_jobs(self.model.to_async.caption_batch, [job])
+        [result] = await send_jobs(self.model.to_async.caption_batch, [caption_job(image, options)])
         log_fields(request).update(
             image=f"{image.width}x{image.height}",
             decode_ms=f"{(decoded - started) * 1000:.1f}",
@@ -172,10 +161,57 @@ class CaptionAPI:
             raise ServiceError(result.error, status_code=result.status)
         return CaptionResponse(caption=result.caption)
 
+    @app.post("/captions", response_model=CaptionsResponse, openapi_extra=captions_body(settings))
+    async def post_captions(self, request: Request) -> CaptionsResponse:
+        """Many images in one request: each is decoded on its own (a bad one fails alone), and every
+        valid one goes to the model service in a single call."""
+        check_api_key(request)
+        uploads, options = await self.uploads.read_many(request)
+        self.text_limits.check(options.prompt, options.max_new_tokens)
+        started = time.perf_counter()
+        prepared = await asyncio.gather(*(self.prepare(u.data) for u in uploads), return_exceptions=True)
+        decoded = time.perf_counter()
+        jobs = [caption_job(image, options) for image in prepared if isinstance(image, PreparedImage)]
+        results = iter(await send_jobs(self.model.to_async.caption_batch, jobs) if jobs else [])
+
+        answers = []
+        for upload, image in zip(uploads, prepared):
+            if isinstance(image, ClientError):
+                answers.append(PartResult(filename=upload.filename, error=image.message, status=image.status_code))
+            elif isinstance(image, BaseException):
+                raise image
+            else:
+                result = next(results)
+                answers.append(PartResult(filename=upload.filename, **result.model_dump()))
+        log_fields(request).update(
+            images=len(uploads),
+            decode_ms=f"{(decoded - started) * 1000:.1f}",
+            model_ms=f"{(time.perf_counter() - decoded) * 1000:.1f}",
+        )
+        return CaptionsResponse(captions=answers)
+
+    async def prepare(self, data: bytes) -> PreparedImage:
+        """Decode and resize off the event loop: large images in the low-priority pool."""
+        if len(data) > settings.max_upload_bytes:  # one part of a /captions body
+            raise PayloadTooLarge(f"the image is larger than {settings.max_upload_bytes / 1024 / 1024:g} MB")
+        if declared_pixels(data) > LARGE_IMAGE_PIXELS:
+            pool = self.large_decodes
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, prepare_image, data, self.image_limits, self.resize
+            )
+        return await asyncio.to_thread(prepare_image, data, self.image_limits, self.resize)
+
+
+def caption_job(image: PreparedImage, options: CaptionOptions) -> CaptionJob:
+    return CaptionJob(
+        pixels=image.pixels, prompt=options.prompt, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams
+    )
+
 
 app.add_middleware(
     RequestGuard,
     max_bytes=settings.max_upload_bytes,
+    path_max_bytes={"/captions": settings.max_request_bytes},
     body_timeout_s=settings.body_timeout_s,
     request_timeout_s=settings.request_timeout_s,
 )

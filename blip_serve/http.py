@@ -91,22 +91,31 @@ CUT_OFF = "the multipart body ended before its closing boundary: the upload was 
 
 
 class RequestGuard:
-    """What one request may hold: a body of at most `max_bytes` (413, whether or not it declared its
-    length, before the whole body is buffered), all of it within `body_timeout_s` (408), and an
+    """What one request may hold: a body of at most `max_bytes` (or `path_max_bytes[path]`; 413,
+    whether or not it declared its length, before the whole body is buffered), all of it within `body_timeout_s` (408), and an
     answer within `request_timeout_s` (504). Each error is JSON and goes through the request log."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float, request_timeout_s: float):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        body_timeout_s: float,
+        request_timeout_s: float,
+        path_max_bytes: dict[str, int] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_max_bytes = path_max_bytes or {}
         self.body_timeout_s = body_timeout_s
         self.request_timeout_s = request_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MB"
+        max_bytes = self.path_max_bytes.get(scope.get("path", ""), self.max_bytes)
+        too_large = f"the request body is larger than {max_bytes / 1024 / 1024:g} MB"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             return await error_response(413, too_large)(scope, receive, send)
 
         received = 0
@@ -135,7 +144,7 @@ class RequestGuard:
                     tail = (tail + message.get("body", b""))[-(len(closing) + 8) :]
                     if body_done:
                         scope.setdefault("state", {})["multipart_complete"] = closing in tail
-                if received > self.max_bytes:
+                if received > max_bytes:
                     refusal = error_response(413, too_large)
                     raise BodyRefused()
             return message

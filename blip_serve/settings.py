@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(200, ge=0)
 
     # What an upload may cost
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # one image; a /caption body
+    max_files_per_request: int = Field(32, ge=1, le=1024)  # images in one POST /captions
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a /captions body
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_side: int = Field(12_000, ge=1)
     max_aspect_ratio: float = Field(20.0, ge=1.0)

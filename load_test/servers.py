@@ -102,9 +102,10 @@ class ServerProcess:
         self.stop()
 
 
-def BentoServer(env: dict[str, str], log_path: Path) -> ServerProcess:
-    """`bentoml serve` from the repo root (bentofile.yaml names the service), BLIP_* from `env`."""
-    port = free_port()
+def BentoServer(env: dict[str, str], log_path: Path, port: int | None = None) -> ServerProcess:
+    """`bentoml serve` from the repo root (bentofile.yaml names the service), BLIP_* from `env`,
+    on `port` or a free one."""
+    port = port or free_port()
     # A BentoML home of its own: `bentoml serve` clears its home's Prometheus folder on start,
     # which would wipe the /metrics of any other server sharing it.
     home = Path(log_path).parent / f"bentoml-home-{port}"

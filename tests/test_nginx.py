@@ -58,6 +58,18 @@ def test_11_mb_upload_is_refused_by_nginx_as_json(nginx):
     assert "nginx/" not in response.text
 
 
+def test_captions_through_nginx_with_its_own_body_limit(nginx, reference):
+    images = [encode(scene(40 + i), "PNG") for i in range(3)]
+    response = httpx.post(
+        f"{nginx.url}/captions", files=[("file", (f"{i}.png", d)) for i, d in enumerate(images)], timeout=60
+    )
+    assert [c["caption"] for c in response.json()["captions"]] == [reference.caption(d) for d in images]
+    parts = [("file", (f"{i}.bin", b"\0" * (9 * 1024 * 1024))) for i in range(8)]  # 72 MB
+    too_big = httpx.post(f"{nginx.url}/captions", files=parts, timeout=60)
+    assert too_big.status_code == 413
+    assert too_big.json() == {"error": "the request body is larger than 64 MB"}
+
+
 def test_concurrent_requests_through_nginx_still_batch(nginx, server, reference):
     from test_service import batch_histogram
 

@@ -35,6 +35,7 @@ def test_notebook_prints_the_servers_caption_for_every_image(server, reference, 
         if output.get("name") == "stdout"
     )
     for path in sorted(images.iterdir()):
-        assert f"{path.name}: {reference.caption(path.read_bytes())}\n" in printed
+        assert f"\n{path.name}: {reference.caption(path.read_bytes())}\n" in "\n" + printed  # aiohttp cell
+        assert f"client {path.name}: {reference.caption(path.read_bytes())}\n" in printed  # client library
     assert printed.count("concurrency ") == 8
     assert any("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))

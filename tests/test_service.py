@@ -139,10 +139,10 @@ def test_client_errors_are_json_4xx(server, case):
     assert words in body["error"]
 
 
-def test_json_body_is_refused_with_a_hint(server):
+def test_json_without_an_image_says_what_it_needs(server):
     response = httpx.post(f"{server.url}/caption", json={"file": "x"})
     assert response.status_code == 400
-    assert "multipart/form-data field 'file'" in response.json()["error"]
+    assert response.json() == {"error": 'the JSON body needs "image": the image\'s bytes in base64 (or a data: URL)'}
 
 
 def test_upload_over_10_mb_is_413(server):

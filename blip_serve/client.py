@@ -1,0 +1,311 @@
+"""Caption images with a blip-serve server: a client library and a resumable command-line tool.
+
+    blip-caption photos/ --url http://127.0.0.1:3000 --out captions.jsonl --resume
+    python -m blip_serve.client photos/ --sidecar --batch 8 --concurrency 4
+
+Needs httpx alone (tqdm draws a progress bar where it is installed): no torch, no BentoML.
+
+    from blip_serve.client import BlipClient
+    client = BlipClient("http://127.0.0.1:3000")
+    client.caption("dog.jpg")                       # one image: POST /caption
+    client.caption_many(["a.jpg", "b.png"])          # many: POST /captions, a batch per request
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+RETRY_STATUSES = {502, 503, 504}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+class BlipError(Exception):
+    """The server refused a request (a 4xx), or it kept failing after every retry."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Outcome:
+    """One image's result from caption_many: a caption, or the error and status the server gave."""
+
+    image: str
+    caption: str | None = None
+    error: str | None = None
+    status: int = 200
+
+
+ImageInput = str | os.PathLike | bytes
+
+
+def read_image(image: ImageInput) -> tuple[str, bytes]:
+    if isinstance(image, bytes):
+        return "image", image
+    path = Path(image)
+    return path.name, path.read_bytes()
+
+
+def option_fields(
+    prompt: str | None = None, max_new_tokens: int | None = None, num_beams: int | None = None
+) -> dict[str, str]:
+    options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    return {name: str(value) for name, value in options.items() if value is not None}
+
+
+def retry_delay(response: httpx.Response | None, attempt: int, max_wait_s: float) -> float:
+    """Retry-After when the server gave one, else exponential backoff with jitter; at most max_wait_s."""
+    if response is not None:
+        try:
+            return min(max_wait_s, float(response.headers.get("retry-after", "")))
+        except ValueError:
+            pass
+    return min(max_wait_s, 0.5 * 2**attempt * (0.5 + random.random()))
+
+
+def error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:500]
+
+
+class AsyncBlipClient:
+    """Asynchronous client: `await client.caption(...)`, `await client.caption_many(...)`.
+
+    Retries 502/503/504 answers and connection errors (honouring Retry-After) up to `retries`
+    times; a 4xx is raised at once as BlipError with the server's message."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:3000",
+        api_key: str | None = None,
+        timeout_s: float = 130.0,
+        retries: int = 6,
+        max_retry_wait_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport)
+        self.retries = retries
+        self.max_retry_wait_s = max_retry_wait_s
+
+    async def __aenter__(self) -> AsyncBlipClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.aclose()
+
+    async def post(self, path: str, files: list, data: dict) -> dict:
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = await self.http.post(path, files=files, data=data)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise BlipError(0, f"no answer from the server: {exc!r}") from None
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    raise BlipError(response.status_code, error_message(response))
+            await asyncio.sleep(retry_delay(response, attempt, self.max_retry_wait_s))
+        raise AssertionError("unreachable")
+
+    async def caption(
+        self,
+        image: ImageInput,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+    ) -> str:
+        name, data = read_image(image)
+        answer = await self.post("/caption", [("file", (name, data))], option_fields(prompt, max_new_tokens, num_beams))
+        return answer["caption"]
+
+    async def caption_batch(self, images: list[ImageInput], **options) -> list[Outcome]:
+        """One POST /captions for `images`; an outcome per image, in order."""
+        files = [("file", read_image(image)) for image in images]
+        answer = await self.post("/captions", files, option_fields(**options))
+        outcomes = []
+        for index, (image, entry) in enumerate(zip(images, answer["captions"])):
+            name = f"#{index}" if isinstance(image, bytes) else str(image)
+            outcomes.append(Outcome(name, entry.get("caption"), entry.get("error"), entry.get("status", 200)))
+        return outcomes
+
+    async def caption_many(
+        self, images: Iterable[ImageInput], concurrency: int = 4, batch: int = 8, **options
+    ) -> list[Outcome]:
+        """Every image, `batch` per request and `concurrency` requests in flight; outcomes in order."""
+        batches = list(chunks(list(images), batch))
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(group: list[ImageInput]) -> list[Outcome]:
+            async with slots:
+                return await self.caption_batch(group, **options)
+
+        return [outcome for group in await asyncio.gather(*(one(g) for g in batches)) for outcome in group]
+
+
+class BlipClient:
+    """Synchronous client with the same methods as AsyncBlipClient."""
+
+    def __init__(self, url: str = "http://127.0.0.1:3000", **settings):
+        self.url, self.settings = url, settings
+
+    def run(self, method: str, *args, **kwargs):
+        async def call():
+            async with AsyncBlipClient(self.url, **self.settings) as client:
+                return await getattr(client, method)(*args, **kwargs)
+
+        return asyncio.run(call())
+
+    def caption(self, image: ImageInput, **options) -> str:
+        return self.run("caption", image, **options)
+
+    def caption_many(
+        self, images: Iterable[ImageInput], concurrency: int = 4, batch: int = 8, **options
+    ) -> list[Outcome]:
+        return self.run("caption_many", list(images), concurrency=concurrency, batch=batch, **options)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# The command-line tool
+
+
+def find_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Images under `paths` (folders walked recursively), sorted; and the files skipped."""
+    images, skipped = [], []
+    for path in paths:
+        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for candidate in candidates:
+            (images if candidate.suffix.lower() in IMAGE_SUFFIXES else skipped).append(candidate)
+    return images, skipped
+
+
+def already_captioned(out: Path) -> set[str]:
+    """Paths with a caption in a JSON Lines file; a torn last line (a killed run) is cut off."""
+    if not out.exists():
+        return set()
+    text = out.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        out.write_text(text)
+    done = set()
+    for line in text.splitlines():
+        record = json.loads(line)
+        if record.get("caption") is not None:
+            done.add(record["path"])
+    return done
+
+
+def write_sidecar(image: Path, caption: str) -> None:
+    """image.jpg -> image.txt, written to a temporary file and renamed: never half a caption."""
+    target = image.with_suffix(".txt")
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(caption + "\n")
+    os.replace(partial, target)
+
+
+async def caption_folder(args: argparse.Namespace) -> int:
+    images, skipped = find_images(args.paths)
+    out = Path(args.out) if args.out else None
+    done = already_captioned(out) if out and args.resume else set()
+    todo = [image for image in images if str(image) not in done]
+    counts: Counter = Counter()
+    progress = make_progress(len(todo), args.quiet)
+    started = time.monotonic()
+    sink = open(out, "a") if out else None  # noqa: SIM115  (open for the whole run)
+    try:
+        async with AsyncBlipClient(args.url, api_key=args.api_key, retries=args.retries) as client:
+            slots = asyncio.Semaphore(args.concurrency)
+
+            async def run(group: list[Path]) -> None:
+                async with slots:
+                    try:
+                        outcomes = await client.caption_batch(group, prompt=args.prompt)
+                    except BlipError as exc:  # the whole request failed: every image of it did
+                        outcomes = [Outcome(str(p), error=exc.message, status=exc.status) for p in group]
+                for outcome in outcomes:
+                    record = {"path": outcome.image}
+                    if outcome.caption is not None:
+                        record["caption"] = outcome.caption
+                        counts["captioned"] += 1
+                        if args.sidecar:
+                            write_sidecar(Path(outcome.image), outcome.caption)
+                    else:
+                        record.update(error=outcome.error, status=outcome.status)
+                        counts[f"failed ({outcome.status})"] += 1
+                    if sink:
+                        sink.write(json.dumps(record) + "\n")  # one whole line at a time
+                        sink.flush()
+                    elif not args.quiet:
+                        print(json.dumps(record))
+                progress(len(outcomes))
+
+            await asyncio.gather(*(run(group) for group in chunks(todo, args.batch)))
+    finally:
+        if sink:
+            sink.close()
+    elapsed = time.monotonic() - started
+    summary = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items())) or "nothing to do"
+    rate = counts["captioned"] / elapsed if elapsed else 0.0
+    print(
+        f"{summary}; {len(done)} already done, {len(skipped)} skipped (not images); "
+        f"{elapsed:.1f} s, {rate:.2f} images/s",
+        file=sys.stderr,
+    )
+    failed = sum(count for kind, count in counts.items() if kind != "captioned")
+    return 0 if failed == 0 else 1
+
+
+def make_progress(total: int, quiet: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda n: None
+    bar = tqdm(total=total, unit="img", disable=quiet, file=sys.stderr)
+    return bar.update
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="blip-caption", description="Caption images and folders with a blip-serve server."
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="images, or folders to walk recursively")
+    parser.add_argument("--url", default=os.environ.get("BLIP_SERVER_URL", "http://127.0.0.1:3000"))
+    parser.add_argument("--api-key", default=os.environ.get("BLIP_API_KEY"))
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--batch", type=int, default=8, help="images per POST /captions")
+    parser.add_argument("--out", help="JSON Lines file, one object per image (appended, flushed line by line)")
+    parser.add_argument("--resume", action="store_true", help="skip the images --out already has captions for")
+    parser.add_argument("--sidecar", action="store_true", help="write image.txt beside each image.jpg")
+    parser.add_argument("--prompt", help="text BLIP continues, for every image")
+    parser.add_argument("--retries", type=int, default=8, help="retries of a request that got 502/503/504 or no answer")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.resume and not args.out:
+        parser.error("--resume needs --out")
+    sys.exit(asyncio.run(caption_folder(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Read what a client sent: image bytes and caption options, from any of the bodies the API takes.
+
+    multipart/form-data         field `file` (/caption: one; /captions: up to BLIP_MAX_FILES_PER_REQUEST)
+                                and the text fields prompt, max_new_tokens, num_beams
+    application/json            {"image": "<base64 or data: URL>", "prompt": ..., ...}   (/caption)
+    image/* or octet-stream     the body is the image; options as query parameters      (/caption)
+
+Every refusal is a ClientError whose message says what to send instead. A URL is never fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+
+from .errors import BadRequest, UnsupportedImage
+from .http import CUT_OFF, FIELD_HINTS, validation_message
+from .settings import Settings
+
+BODIES = 'multipart/form-data (field \'file\'), application/json ({"image": "<base64>"}) or the image itself'
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    prompt: str | None
+    max_new_tokens: int
+    num_beams: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+class OptionFields(BaseModel):
+    """The options as a client sends them, validated against the server's limits."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
+
+
+def options_model(settings: Settings) -> type[OptionFields]:
+    """OptionFields with this server's limits, so a bad value is a 400 naming the field and limit."""
+
+    class LimitedOptions(OptionFields):
+        prompt: str | None = Field(None, max_length=settings.max_prompt_chars)
+        max_new_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens_limit)
+        num_beams: int | None = Field(None, ge=1, le=settings.max_beams)
+
+    return LimitedOptions
+
+
+class UploadReader:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.options = options_model(settings)
+
+    def caption_options(self, values: dict) -> CaptionOptions:
+        present = {name: value for name, value in values.items() if value not in (None, "")}
+        try:
+            fields = self.options.model_validate(present)
+        except ValidationError as exc:
+            raise BadRequest(validation_message(exc.errors())) from None
+        return CaptionOptions(
+            prompt=(fields.prompt or "").strip() or None,
+            max_new_tokens=fields.max_new_tokens or self.settings.max_new_tokens,
+            num_beams=fields.num_beams or 1,
+        )
+
+    async def read_one(self, request: Request) -> tuple[Upload, CaptionOptions]:
+        """/caption: the image and options from a multipart, JSON or raw-image body."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            return await self.read_json(request)
+        if content_type.startswith("image/") or content_type == "application/octet-stream":
+            data = await request.body()
+            return Upload("body", data), self.caption_options(dict(request.query_params))
+        if content_type in ("multipart/form-data", "application/x-www-form-urlencoded", ""):
+            form = await self.read_form(request, max_files=2)
+            files = await self.file_parts(request, form)
+            if len(files) > 1:
+                raise BadRequest("send exactly one 'file' part; this request has several (POST /captions takes many)")
+            return files[0], self.caption_options(text_fields(form))
+        raise UnsupportedImage(f"a body of type {content_type!r} is not accepted: send {BODIES}")
+
+    async def read_many(self, request: Request) -> tuple[list[Upload], CaptionOptions]:
+        """/captions: every `file` part of a multipart body, and the options shared by all."""
+        limit = self.settings.max_files_per_request
+        form = await self.read_form(request, max_files=limit + 1)
+        files = await self.file_parts(request, form)
+        if len(files) > limit:
+            raise BadRequest(f"send at most {limit} 'file' parts in one request; split the rest into more requests")
+        return files, self.caption_options(text_fields(form))
+
+    async def read_form(self, request: Request, max_files: int) -> FormData:
+        content_type = request.headers.get("content-type", "").lower()
+        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            await request.body()  # read (and size-check) whatever came, then say what works
+            raise BadRequest(f"missing form field 'file': {FIELD_HINTS['file']}")
+        return await request.form(max_files=max_files, max_fields=100)
+
+    async def file_parts(self, request: Request, form: FormData) -> list[Upload]:
+        parts = form.getlist("file")
+        if not parts:
+            if request.scope.get("state", {}).get("multipart_complete") is False:
+                raise BadRequest(CUT_OFF)
+            raise BadRequest(f"missing form field 'file': {FIELD_HINTS['file']}")
+        if not all(isinstance(part, UploadFile) for part in parts):
+            raise BadRequest(f"the 'file' field must be an uploaded file, not text: {FIELD_HINTS['file']}")
+        return [Upload(part.filename or "", await part.read()) for part in parts]
+
+    async def read_json(self, request: Request) -> tuple[Upload, CaptionOptions]:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest('the body is not valid JSON: send {"image": "<base64>", "prompt": ...}') from None
+        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+            raise BadRequest('the JSON body needs "image": the image\'s bytes in base64 (or a data: URL)')
+        return Upload("image", decode_base64_image(body["image"])), self.caption_options(body)
+
+
+def text_fields(form: FormData) -> dict:
+    return {name: value for name, value in form.multi_items() if name != "file" and isinstance(value, str)}
+
+
+def decode_base64_image(text: str) -> bytes:
+    """The bytes of a base64 string or a `data:image/...;base64,` URL. A URL of any other kind is
+    refused: the server never fetches anything."""
+    text = text.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise BadRequest("a data: URL must be base64-encoded (data:image/png;base64,...)")
+    elif "://" in text[:16]:
+        raise BadRequest('"image" must hold the image\'s bytes in base64, not a URL: the server never fetches URLs')
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest('"image" is not valid base64') from None
+    if not data:
+        raise BadRequest('"image" is empty: send the image\'s bytes in base64')
+    return data
+
+
+def option_schemas(settings: Settings) -> dict:
+    return {
+        "prompt": {"type": "string", "maxLength": settings.max_prompt_chars, "description": "text BLIP continues"},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
+        "num_beams": {"type": "integer", "minimum": 1, "maximum": settings.max_beams},
+    }
+
+
+def caption_bodies(settings: Settings) -> dict:
+    """OpenAPI for POST /caption's three bodies (the route reads the body itself)."""
+    options = option_schemas(settings)
+    image = {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, GIF, BMP or TIFF"}
+    raw = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": {"file": image, **options}}
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {"type": "string", "description": "the image's bytes in base64, or a data: URL"},
+                            **options,
+                        },
+                    }
+                },
+                "image/*": raw,
+                "application/octet-stream": raw,
+            },
+        },
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": schema, "description": "with a raw image body"}
+            for name, schema in options.items()
+        ],
+    }
+
+
+def captions_body(settings: Settings) -> dict:
+    """OpenAPI for POST /captions: up to BLIP_MAX_FILES_PER_REQUEST `file` parts."""
+    files = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "maxItems": settings.max_files_per_request,
+    }
+    schema = {"type": "object", "required": ["file"], "properties": {"file": files, **option_schemas(settings)}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

@@ -1,0 +1,137 @@
+"""Many images per request (POST /captions) and the other ways into /caption (JSON base64, a raw
+image body), against the real server: same captions as multipart /caption, and the right 4xx."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+
+from support.clients import batch_histogram, post_caption
+from support.images import encode, header_only_jpeg, scene
+
+pytestmark = pytest.mark.slow  # starts the real server
+
+IMAGES = [encode(scene(700 + i), "PNG") for i in range(6)]
+
+
+def post_captions(server, files, data=None) -> httpx.Response:
+    return httpx.post(f"{server.url}/captions", files=files, data=data, timeout=120)
+
+
+def test_captions_keeps_order_and_fails_bad_parts_alone(server, reference):
+    parts = [
+        ("file", ("a.png", IMAGES[0])),
+        ("file", ("b.txt", b"not an image")),
+        ("file", ("c.png", IMAGES[1])),
+        ("file", ("d.jpg", header_only_jpeg())),
+        ("file", ("e.png", IMAGES[2])),
+    ]
+    before = batch_histogram(server)
+    response = post_captions(server, parts)
+    after = batch_histogram(server)
+
+    assert response.status_code == 200, response.text
+    captions = response.json()["captions"]
+    assert [c["filename"] for c in captions] == ["a.png", "b.txt", "c.png", "d.jpg", "e.png"]
+    assert [c["status"] for c in captions] == [200, 415, 200, 415, 200]
+    assert [captions[i]["caption"] for i in (0, 2, 4)] == [reference.caption(IMAGES[i]) for i in range(3)]
+    assert "not a supported image" in captions[1]["error"] and "truncated" in captions[3]["error"]
+    # The three valid images went to the model service in one call (the histogram counts calls).
+    assert after["count"] - before.get("count", 0) == 1
+
+
+def test_captions_equal_single_caption_token_for_token_with_options(server):
+    form = {"prompt": "a photography of", "max_new_tokens": "8", "num_beams": "2"}
+    many = post_captions(server, [("file", (f"{i}.png", data)) for i, data in enumerate(IMAGES)], form).json()
+    singles = [post_caption(server, files={"file": ("p.png", data)}, data=form).json()["caption"] for data in IMAGES]
+    assert [c["caption"] for c in many["captions"]] == singles
+
+
+@pytest.mark.parametrize(
+    "files, data, status, words",
+    [
+        (None, {"prompt": "x"}, 400, "missing form field 'file'"),
+        ([("file", (f"{i}.png", IMAGES[0])) for i in range(33)], None, 400, "at most 32 'file' parts"),
+        ([("file", ("a.png", IMAGES[0]))], {"max_new_tokens": "0"}, 400, "max_new_tokens"),
+        ([("file", ("a.png", IMAGES[0]))], {"prompt": "dog " * 40, "max_new_tokens": "100"}, 400, "positions"),
+    ],
+    ids=["no files", "too many files", "bad option", "prompt over the positions"],
+)
+def test_whole_request_errors(server, files, data, status, words):
+    response = post_captions(server, files, data)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_a_body_over_the_request_limit_is_413(server):
+    parts = [("file", (f"{i}.bin", b"\0" * (9 * 1024 * 1024))) for i in range(8)]  # 72 MB
+    response = post_captions(server, parts)
+    assert response.status_code == 413
+    assert response.json() == {"error": "the request body is larger than 64 MB"}
+
+
+def test_a_part_over_the_image_limit_fails_alone(server, reference):
+    parts = [("file", ("big.jpg", b"\xff\xd8" + b"\0" * (11 * 1024 * 1024))), ("file", ("ok.png", IMAGES[3]))]
+    captions = post_captions(server, parts).json()["captions"]
+    assert captions[0] == {
+        "filename": "big.jpg",
+        "caption": None,
+        "error": "the image is larger than 10 MB",
+        "status": 413,
+    }
+    assert captions[1]["caption"] == reference.caption(IMAGES[3])
+
+
+@pytest.mark.parametrize("how", ["base64", "data url", "raw image/png", "raw application/octet-stream"])
+def test_json_and_raw_bodies_give_the_multipart_caption(server, reference, how):
+    data = IMAGES[4]
+    text = base64.b64encode(data).decode()
+    if how == "base64":
+        response = httpx.post(f"{server.url}/caption", json={"image": text, "max_new_tokens": 12}, timeout=60)
+    elif how == "data url":
+        response = httpx.post(
+            f"{server.url}/caption", json={"image": f"data:image/png;base64,{text}", "max_new_tokens": 12}
+        )
+    else:
+        content_type = how.split()[1]
+        response = httpx.post(
+            f"{server.url}/caption", content=data, headers={"Content-Type": content_type}, params={"max_new_tokens": 12}
+        )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"caption": reference.caption(data, max_new_tokens=12)}
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"image": "not base64!!"}, 400, "not valid base64"),
+        ({"image": "https://127.0.0.1:9/cat.jpg"}, 400, "not a URL: the server never fetches URLs"),
+        ({"image": 12}, 400, 'needs "image"'),
+        ([1, 2], 400, 'needs "image"'),
+        ({"image": base64.b64encode(b"hello").decode()}, 415, "not a supported image"),
+        ({"image": base64.b64encode(IMAGES[0]).decode(), "num_beams": 99}, 400, "num_beams"),
+    ],
+    ids=["bad base64", "url", "wrong type", "not an object", "not an image", "bad option"],
+)
+def test_json_errors(server, body, status, words):
+    response = httpx.post(f"{server.url}/caption", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_other_bodies_are_refused_with_what_works(server):
+    response = httpx.post(f"{server.url}/caption", content=b"hello", headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415
+    assert "multipart/form-data (field 'file'), application/json" in response.json()["error"]
+    big = httpx.post(f"{server.url}/caption", json={"image": "A" * (11 * 1024 * 1024)}, timeout=60)
+    assert big.status_code == 413
+
+
+def test_openapi_describes_every_body(server):
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    caption = spec["paths"]["/caption"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json", "image/*", "application/octet-stream"} <= set(caption)
+    captions = spec["paths"]["/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert captions["properties"]["file"]["maxItems"] == 32

@@ -1,0 +1,184 @@
+"""The client library and the blip-caption command-line tool.
+
+The retry rules run in-process against an httpx MockTransport that plays an overloaded server;
+everything else runs against the real server (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from blip_serve.client import AsyncBlipClient, BlipClient, BlipError
+from load_test.servers import REPO, BentoServer, free_port
+from support.images import encode, scene
+
+
+def scripted(*answers: tuple[int, dict, dict]) -> tuple[httpx.MockTransport, list[float]]:
+    """A transport answering (status, headers, body) in turn; it records when each request came."""
+    queue, seen = list(answers), []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(time.monotonic())
+        status, headers, body = queue.pop(0)
+        return httpx.Response(status, headers=headers, json=body)
+
+    return httpx.MockTransport(handle), seen
+
+
+def caption_with(transport, **settings) -> str:
+    async def run() -> str:
+        async with AsyncBlipClient("http://blip", transport=transport, **settings) as client:
+            return await client.caption(b"image bytes")
+
+    return asyncio.run(run())
+
+
+def test_a_503_is_retried_after_its_retry_after_then_succeeds():
+    transport, seen = scripted(
+        (503, {"Retry-After": "1"}, {"error": "the server is at capacity; retry shortly"}),
+        (503, {"Retry-After": "1"}, {"error": "the server is at capacity; retry shortly"}),
+        (200, {}, {"caption": "a dog"}),
+    )
+    assert caption_with(transport) == "a dog"
+    assert len(seen) == 3 and seen[1] - seen[0] >= 0.95 and seen[2] - seen[1] >= 0.95
+
+
+def test_a_4xx_is_raised_at_once_with_the_servers_message():
+    transport, seen = scripted((415, {}, {"error": "the file is not a supported image: send JPEG"}))
+    with pytest.raises(BlipError) as raised:
+        caption_with(transport)
+    assert (raised.value.status, raised.value.message) == (415, "the file is not a supported image: send JPEG")
+    assert len(seen) == 1
+
+
+def test_the_client_imports_neither_torch_nor_bentoml():
+    code = "import sys, blip_serve.client; print(sorted({'torch', 'bentoml', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_retries_are_bounded():
+    transport, seen = scripted(*[(502, {"Retry-After": "0"}, {"error": "no captioning server is reachable"})] * 3)
+    with pytest.raises(BlipError, match="502: no captioning server is reachable"):
+        caption_with(transport, retries=2)
+    assert len(seen) == 3
+
+
+slow = pytest.mark.slow  # these start the real server
+
+
+@slow
+def test_library_captions_equal_the_reference(server, reference, tmp_path):
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(encode(scene(800 + i), "PNG"))
+    client = BlipClient(server.url)
+    assert client.caption(paths[0]) == reference.caption(paths[0].read_bytes())
+    outcomes = client.caption_many(paths, concurrency=2, batch=2)
+    assert [o.image for o in outcomes] == [str(p) for p in paths]
+    assert [o.caption for o in outcomes] == [reference.caption(p.read_bytes()) for p in paths]
+
+
+def make_folder(root: Path, count: int = 40, bad: int = 4) -> list[Path]:
+    """`count` image files in nested folders, `bad` of them not images, plus two files to skip."""
+    images = []
+    for i in range(count):
+        folder = root / f"set{i % 3}" / ("deep" if i % 5 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:02d}.png"
+        path.write_bytes(b"not an image at all" if i < bad else encode(scene(900 + i), "PNG"))
+        images.append(path)
+    (root / "notes.md").write_text("skip me")
+    (root / "set1" / "data.csv").write_text("skip,me")
+    return images
+
+
+def blip_caption(url: str, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "blip_serve.client", *args, "--url", url, "--quiet"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def records(out: Path) -> list[dict]:
+    text = out.read_text()
+    assert text.endswith("\n"), "a torn last line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@slow
+def test_cli_captions_a_folder_to_jsonl_and_sidecars(server, reference, tmp_path):
+    images = make_folder(tmp_path / "photos")
+    out = tmp_path / "captions.jsonl"
+    run = blip_caption(server.url, str(tmp_path / "photos"), "--out", str(out), "--sidecar", "--batch", "8")
+    _, summary = run.communicate(timeout=300)
+    assert run.returncode == 1, summary  # four images failed
+    assert "36 captioned, 4 failed (415); 0 already done, 2 skipped (not images)" in summary
+
+    lines = records(out)
+    assert sorted(r["path"] for r in lines) == sorted(str(p) for p in images)
+    for record in lines:
+        path = Path(record["path"])
+        if record.get("caption") is None:
+            assert record["status"] == 415 and not path.with_suffix(".txt").exists()
+        else:
+            assert record["caption"] == reference.caption(path.read_bytes())
+            assert path.with_suffix(".txt").read_text() == record["caption"] + "\n"
+
+
+@pytest.fixture
+def slow_server(tiny_model_dir, tmp_path):
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_MAX_NEW_TOKENS": "100", "BLIP_MIN_NEW_TOKENS": "100"}
+    with BentoServer(env, tmp_path / "slow.log") as running:
+        yield running
+
+
+@slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_an_interrupted_run_resumes_without_duplicates(slow_server, tmp_path, stop):
+    images = make_folder(tmp_path / "photos", bad=0)
+    out = tmp_path / "captions.jsonl"
+    args = [str(tmp_path / "photos"), "--out", str(out), "--batch", "2", "--concurrency", "1"]
+    run = blip_caption(slow_server.url, *args)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or len(out.read_text().splitlines()) < 6) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(run.pid, stop)
+    run.communicate(timeout=60)
+    first = out.read_text()
+    assert 6 <= first.count("\n") < 40, "the run was stopped midway"
+
+    resumed = blip_caption(slow_server.url, *args, "--resume")
+    _, summary = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, summary
+    paths = [r["path"] for r in records(out)]
+    assert sorted(paths) == sorted(str(p) for p in images) and len(paths) == len(set(paths)) == 40
+
+
+@slow
+def test_a_run_survives_a_server_restart(tiny_model_dir, tmp_path):
+    images = make_folder(tmp_path / "photos", bad=0)
+    out = tmp_path / "captions.jsonl"
+    port = free_port()
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_MAX_NEW_TOKENS": "100", "BLIP_MIN_NEW_TOKENS": "100"}
+    first = BentoServer(env, tmp_path / "first.log", port=port).start()
+    args = [str(tmp_path / "photos"), "--out", str(out), "--batch", "2", "--concurrency", "1"]
+    run = blip_caption(first.url, *args)
+    deadline = time.monotonic() + 120
+    try:
+        while (not out.exists() or len(out.read_text().splitlines()) < 4) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        first.stop()  # the client retries 502/503/connection errors with backoff meanwhile
+    with BentoServer(env, tmp_path / "second.log", port=port):
+        _, summary = run.communicate(timeout=300)
+    assert run.returncode == 0, summary
+    assert sorted(r["path"] for r in records(out)) == sorted(str(p) for p in images)
