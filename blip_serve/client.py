@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import csv
+import io
 import json
 import os
 import random
@@ -201,20 +204,49 @@ def find_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return images, skipped
 
 
-def already_captioned(out: Path) -> set[str]:
-    """Paths with a caption in a JSON Lines file; a torn last line (a killed run) is cut off."""
-    if not out.exists():
-        return set()
-    text = out.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        out.write_text(text)
-    done = set()
-    for line in text.splitlines():
-        record = json.loads(line)
-        if record.get("caption") is not None:
-            done.add(record["path"])
-    return done
+CSV_COLUMNS = ["path", "caption", "error", "status"]
+
+
+class ResultFile:
+    """--out: JSON Lines (one object per image) or, for a .csv name, CSV rows; appended one whole
+    record at a time and flushed, so a killed run leaves every finished image and no torn record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.csv = path.suffix.lower() == ".csv"
+
+    def already_captioned(self) -> set[str]:
+        """Paths with a caption in the file; a torn last record (a killed run) is cut off."""
+        if not self.path.exists():
+            return set()
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            self.path.write_text(text)
+        if self.csv:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        else:
+            rows = [json.loads(line) for line in text.splitlines()]
+        return {row["path"] for row in rows if row.get("caption") not in (None, "")}
+
+    def __enter__(self) -> ResultFile:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.sink = open(self.path, "a", newline="")  # noqa: SIM115  (closed by __exit__)
+        if self.csv:
+            self.writer = csv.DictWriter(self.sink, CSV_COLUMNS, lineterminator="\n")
+            if new:
+                self.writer.writeheader()
+        return self
+
+    def write(self, record: dict) -> None:
+        if self.csv:
+            self.writer.writerow({column: record.get(column, "") for column in CSV_COLUMNS})
+        else:
+            self.sink.write(json.dumps(record) + "\n")
+        self.sink.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.sink.close()
 
 
 def write_sidecar(image: Path, caption: str) -> None:
@@ -227,14 +259,16 @@ def write_sidecar(image: Path, caption: str) -> None:
 
 async def caption_folder(args: argparse.Namespace) -> int:
     images, skipped = find_images(args.paths)
-    out = Path(args.out) if args.out else None
-    done = already_captioned(out) if out and args.resume else set()
+    if not args.quiet:
+        for path in skipped:
+            print(f"skipped (not an image): {path}", file=sys.stderr)
+    out = ResultFile(Path(args.out)) if args.out else None
+    done = out.already_captioned() if out and args.resume else set()
     todo = [image for image in images if str(image) not in done]
     counts: Counter = Counter()
     progress = make_progress(len(todo), args.quiet)
     started = time.monotonic()
-    sink = open(out, "a") if out else None  # noqa: SIM115  (open for the whole run)
-    try:
+    with out or contextlib.nullcontext() as sink:
         async with AsyncBlipClient(args.url, api_key=args.api_key, retries=args.retries) as client:
             slots = asyncio.Semaphore(args.concurrency)
 
@@ -255,16 +289,12 @@ async def caption_folder(args: argparse.Namespace) -> int:
                         record.update(error=outcome.error, status=outcome.status)
                         counts[f"failed ({outcome.status})"] += 1
                     if sink:
-                        sink.write(json.dumps(record) + "\n")  # one whole line at a time
-                        sink.flush()
+                        sink.write(record)
                     elif not args.quiet:
                         print(json.dumps(record))
                 progress(len(outcomes))
 
             await asyncio.gather(*(run(group) for group in chunks(todo, args.batch)))
-    finally:
-        if sink:
-            sink.close()
     elapsed = time.monotonic() - started
     summary = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items())) or "nothing to do"
     rate = counts["captioned"] / elapsed if elapsed else 0.0
@@ -295,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default=os.environ.get("BLIP_API_KEY"))
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--batch", type=int, default=8, help="images per POST /captions")
-    parser.add_argument("--out", help="JSON Lines file, one object per image (appended, flushed line by line)")
+    parser.add_argument("--out", help="results file: JSON Lines (one object per image), or CSV if it ends in .csv")
     parser.add_argument("--resume", action="store_true", help="skip the images --out already has captions for")
     parser.add_argument("--sidecar", action="store_true", help="write image.txt beside each image.jpg")
     parser.add_argument("--prompt", help="text BLIP continues, for every image")

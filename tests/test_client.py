@@ -134,6 +134,40 @@ def test_cli_captions_a_folder_to_jsonl_and_sidecars(server, reference, tmp_path
             assert path.with_suffix(".txt").read_text() == record["caption"] + "\n"
 
 
+@slow
+def test_cli_writes_csv_and_resumes_only_what_failed(server, reference, tmp_path):
+    import csv
+
+    images = make_folder(tmp_path / "photos", count=10, bad=2)
+    out = tmp_path / "captions.csv"
+    first = blip_caption(server.url, str(tmp_path / "photos"), "--out", str(out))
+    first.communicate(timeout=120)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blip_serve.client",
+            str(tmp_path / "photos"),
+            "--url",
+            server.url,
+            "--out",
+            str(out),
+            "--resume",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "skipped (not an image): " in again.stderr and "notes.md" in again.stderr
+    assert "2 failed (415); 8 already done, 2 skipped (not images)" in again.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12  # 10, then the 2 failures tried once more
+    captioned = {row["path"]: row["caption"] for row in rows if row["caption"]}
+    assert sorted(captioned) == sorted(str(p) for p in images[2:])
+    assert all(caption == reference.caption(Path(path).read_bytes()) for path, caption in captioned.items())
+
+
 @pytest.fixture
 def slow_server(tiny_model_dir, tmp_path):
     env = {"BLIP_MODEL": tiny_model_dir, "BLIP_MAX_NEW_TOKENS": "100", "BLIP_MIN_NEW_TOKENS": "100"}
