@@ -64,8 +64,10 @@ server_patches.bound_metric_labels()
 
 
 @bentoml.service(
-    resources={"gpu": 1},  # takes a GPU where there is one; runs on the CPU where there is none
-    workers=1,
+    # One process per GPU: BentoML assigns the service this many GPUs and shows all of them to each
+    # worker, and worker k uses the k-th. Where there is no GPU, the workers split the CPU's cores.
+    resources={"gpu": settings.model_workers},
+    workers=settings.model_workers,
     traffic={"timeout": settings.request_timeout_s},
     tracing=TRACING,
     logging=LOGGING,
@@ -81,7 +83,8 @@ class BlipModelService:
     def __init__(self) -> None:
         from blip_serve.model import BlipCaptioner  # torch and BLIP load in this process only
 
-        self.captioner = BlipCaptioner(model_dir(self.model_files), settings)
+        worker = bentoml.server_context.worker_index or 1
+        self.captioner = BlipCaptioner(model_dir(self.model_files), settings, worker)
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:

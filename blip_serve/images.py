@@ -69,8 +69,10 @@ def declared_pixels(data: bytes) -> int:
         return 0
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Return the upload as an upright RGB image.
+def decode_image(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Return the upload as an upright RGB image. With `draft_size`, a JPEG is decoded at the
+    smallest of libjpeg's scales (1/2, 1/4, 1/8) that still covers that size: several times
+    faster for large photos, but not the same pixels (BLIP_JPEG_DRAFT).
 
     Raises BadRequest (empty), UnsupportedImage (not an accepted image, truncated or corrupt) or
     PayloadTooLarge (over a limit of `limits`: a decompression bomb, or just too big).
@@ -85,6 +87,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             limits.check(*image.size)
             if image.format == "JPEG":
                 check_jpeg_has_its_data(data, *image.size)
+                if draft_size:
+                    image.draft(None, draft_size)
             image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a big image
@@ -217,8 +221,10 @@ class PreparedImage:
     height: int
 
 
-def prepare_image(data: bytes, limits: ImageLimits, spec: ResizeSpec) -> PreparedImage:
-    image = decode_image(data, limits)
+def prepare_image(data: bytes, limits: ImageLimits, spec: ResizeSpec, jpeg_draft: bool = False) -> PreparedImage:
+    """Decode and resize one upload. Width and height are the decoded image's (with jpeg_draft, a
+    large JPEG's reduced decode)."""
+    image = decode_image(data, limits, (spec.width, spec.height) if jpeg_draft else None)
     return PreparedImage(resize_image(image, spec), image.width, image.height)
 
 

@@ -28,16 +28,18 @@ class JobRejected(ValueError):
     """A job the model service refuses before generating: its client gets a 400 with this text."""
 
 
-def pick_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
+def pick_device(setting: str, worker: int = 1) -> str:
+    """The device of model worker `worker` (1-based): its own GPU where there are several
+    (BentoML shows every worker of the service all the GPUs it assigned), else the CPU."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{(worker - 1) % max(1, torch.cuda.device_count())}"
 
 
 def pick_precision(setting: str, device: str) -> str:
     if setting != "auto":
         return setting
-    if device == "cuda":
+    if device.startswith("cuda"):
         return "fp16"
     # bf16 pays off only where the CPU multiplies bf16 natively (AMX): measured on a CPU without
     # it (AVX-512 VNNI only), a bf16 vision tower ran 3.8x slower than fp32.
@@ -52,13 +54,15 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def pick_torch_threads(setting: int) -> int:
+def pick_torch_threads(setting: int, workers: int = 1) -> int:
     if setting > 0:
         return setting
     # All the cores this process may use. Measured on 2 cores (full-size model, 20 tokens, 8
     # concurrent clients through HTTP): 2 threads 1.00 img/s, 1 thread 0.57 img/s. Decoding and
     # preprocessing in the API process take ~1% of a core per image; they do not need a core held back.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # Several model workers on one CPU split its cores.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
 
 
 def sdpa_attention_forward(self: BlipAttention, hidden_states: torch.Tensor, **kwargs) -> tuple:
@@ -120,7 +124,7 @@ class PixelNormalizer:
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, 3, H, W) float32 on the device."""
         batch = torch.from_numpy(pixels)
-        if self.device == "cuda":  # page-locked memory: the copy to the GPU runs asynchronously
+        if self.device.startswith("cuda"):  # page-locked memory: the copy to the GPU runs asynchronously
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         rescaled = (batch.to(torch.float64) * self.scale).to(torch.float32)
@@ -130,11 +134,11 @@ class PixelNormalizer:
 class BlipCaptioner:
     """BLIP on one device, captioning lists of CaptionJobs."""
 
-    def __init__(self, model_dir: str, settings: Settings):
-        self.device = pick_device(settings.device)
+    def __init__(self, model_dir: str, settings: Settings, worker: int = 1):
+        self.device = pick_device(settings.device, worker)
         self.precision = pick_precision(settings.precision, self.device)
         if self.device == "cpu":
-            torch.set_num_threads(pick_torch_threads(settings.torch_threads))
+            torch.set_num_threads(pick_torch_threads(settings.torch_threads, settings.model_workers))
         self.threads = torch.get_num_threads()
         self.processor = BlipProcessor.from_pretrained(model_dir)
         model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -148,12 +152,13 @@ class BlipCaptioner:
         self.positions = model.config.text_config.max_position_embeddings
         self.min_new_tokens = settings.min_new_tokens
         logger.info(
-            "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d",
+            "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d, model worker %d",
             model_dir,
             self.device,
             self.precision,
             settings.attention,
             self.threads,
+            worker,
         )
 
     def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:

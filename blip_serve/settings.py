@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     attention: Literal["sdpa", "eager"] = "sdpa"
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: one per core the model process may use
     api_workers: int = Field(1, ge=1, le=256)  # API service processes (decode + resize)
+    model_workers: int = Field(1, ge=1, le=64)  # model processes: one per GPU; on a CPU they split the cores
     max_batch_size: int = Field(8, ge=1, le=4096)
     max_latency_ms: int = Field(60_000, ge=1)
 
@@ -41,6 +42,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_side: int = Field(12_000, ge=1)
     max_aspect_ratio: float = Field(20.0, ge=1.0)
+    jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale: faster, not bit-exact
     max_concurrent_decodes: int = Field(0, ge=0)  # large (over 4 MP) decodes at once; 0: half the cores
 
     # Time limits

@@ -82,7 +82,7 @@ def finish(steps: list[StepReport], args, extra: dict | None = None) -> None:
 
 
 def run(args) -> None:
-    images = load_images(args.images)
+    images = load_images(args.images, size=tuple(int(v) for v in args.image_size.split("x")))
     names = args.name or [f"server{i + 1}" for i in range(len(args.urls))]
     steps = [step for name, url in zip(names, args.urls) for step in sweep(name, url, images, args)]
     finish(steps, args)
@@ -90,7 +90,7 @@ def run(args) -> None:
 
 def compare(args) -> None:
     """Start each server in turn on this machine (never both at once), sweep it, stop it."""
-    images = load_images(args.images)
+    images = load_images(args.images, size=tuple(int(v) for v in args.image_size.split("x")))
     env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument(
         "--warmup", type=int, default=40, help="requests sent (8 at a time) and discarded before a server's first step"
     )
-    common.add_argument("--images", help="folder of images to send (default: generated 640x480 JPEGs)")
+    common.add_argument("--images", help="folder of images to send (default: generated JPEGs, see --image-size)")
+    common.add_argument(
+        "--image-size",
+        default="640x480",
+        help="generated JPEGs' size, e.g. 1920x1080 or 4032x3024 (a 12 MP phone photo)",
+    )
     common.add_argument("--api-key", help="sent as Authorization: Bearer <key>")
     common.add_argument("--out", default="results", help="folder for results.json/.csv/.png")
     commands = parser.add_subparsers(required=True)

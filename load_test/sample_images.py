@@ -41,10 +41,12 @@ def sample_images(count: int = 16, size: tuple[int, int] = (640, 480)) -> list[t
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
-def load_images(folder: str | Path | None, count: int = 16) -> list[tuple[str, bytes]]:
-    """The images in `folder`, or generated samples when no folder is given."""
+def load_images(
+    folder: str | Path | None, count: int = 16, size: tuple[int, int] = (640, 480)
+) -> list[tuple[str, bytes]]:
+    """The images in `folder`, or generated samples of `size` when no folder is given."""
     if folder is None:
-        return sample_images(count)
+        return sample_images(count, size)
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from blip_serve.errors import BadRequest, PayloadTooLarge, UnsupportedImage
-from blip_serve.images import ImageLimits, ResizeSpec, decode_image, first_scan_length, resize_image
+from blip_serve.images import ImageLimits, ResizeSpec, decode_image, first_scan_length, prepare_image, resize_image
 from support.images import encode, header_only_jpeg, scene, upload_corpus
 
 LIMIT = ImageLimits()
@@ -169,3 +169,18 @@ def test_resize_equals_blips_image_processor_bit_for_bit(tiny_model_dir):
             rescaled, processor.image_mean, processor.image_std, input_data_format="channels_first"
         )
         assert np.array_equal(normalized, expected), name
+
+
+def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_model_size():
+    photo = encode(scene(6, (4032, 3024)), "JPEG", quality=90)
+    spec = ResizeSpec(width=384, height=384)
+    exact = prepare_image(photo, LIMIT, spec)
+    draft = prepare_image(photo, LIMIT, spec, jpeg_draft=True)
+    assert (exact.width, exact.height) == (4032, 3024)
+    assert (draft.width, draft.height) == (1008, 756)  # 1/4: 1/8 would be 378 px high, under 384
+    assert draft.pixels.shape == exact.pixels.shape == (3, 384, 384)
+    assert not np.array_equal(draft.pixels, exact.pixels)  # why it is off by default
+    png = encode(scene(6, (1200, 900)), "PNG")
+    assert np.array_equal(
+        prepare_image(png, LIMIT, spec, jpeg_draft=True).pixels, prepare_image(png, LIMIT, spec).pixels
+    )

@@ -61,6 +61,21 @@ def test_the_readme_table_documents_exactly_the_settings():
     assert documented == {name.upper() for name in Settings.model_fields}
 
 
+def test_each_model_worker_gets_its_own_gpu_or_a_share_of_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from blip_serve.model import pick_device, pick_torch_threads
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [pick_device("auto", worker) for worker in (1, 2, 3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert pick_device("cpu", 2) == "cpu"
+    cores = len(os.sched_getaffinity(0))
+    assert pick_torch_threads(0, workers=2) == max(1, cores // 2) and pick_torch_threads(3, workers=2) == 3
+
+
 def test_auto_precision_is_fp16_on_cuda():
-    assert pick_precision("auto", "cuda") == "fp16"
+    assert pick_precision("auto", "cuda:1") == "fp16"
     assert pick_precision("bf16", "cpu") == "bf16"
