@@ -15,12 +15,13 @@ ATTEMPTS = 2
 
 
 def lost_on_its_connection(exc: BaseException) -> bool:
-    """The call was lost to the connection, not to the model, and is safe to send again:
+    """The call was lost to the connection, not to the model, and is safe to send again (captioning
+    has no side effects):
     - a keep-alive connection the model server had closed, or a model worker that died
-      (aiohttp.ClientConnectionError);
+      (aiohttp.ClientConnectionError), also while it was sending its answer (ClientPayloadError);
     - BentoML's client closing its session under a request in flight (aiohttp raises a bare
       RuntimeError "Session is closed"; BentoML issues #4971, #5544)."""
-    return isinstance(exc, aiohttp.ClientConnectionError) or (
+    return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError) or (
         isinstance(exc, RuntimeError) and "Session is closed" in str(exc)
     )
 

@@ -35,6 +35,7 @@ def test_lost_connections_are_retried_and_nothing_else():
     assert lost_on_its_connection(aiohttp.ServerDisconnectedError())
     assert lost_on_its_connection(aiohttp.ClientConnectorError(None, OSError(111, "refused")))
     assert lost_on_its_connection(RuntimeError("Session is closed"))
+    assert lost_on_its_connection(aiohttp.ClientPayloadError("Response payload is not completed"))  # died mid-answer
     assert not lost_on_its_connection(RuntimeError("CUDA out of memory"))
     assert not lost_on_its_connection(ValueError("bad"))
     assert queue_full(BentoMLException("full", error_code=503))
