@@ -197,12 +197,10 @@ class CaptionAPI:
         """Decode and resize off the event loop: large images in the low-priority pool."""
         if len(data) > settings.max_upload_bytes:  # one part of a /captions body
             raise PayloadTooLarge(f"the image is larger than {settings.max_upload_bytes / 1024 / 1024:g} MB")
+        work = (prepare_image, data, self.image_limits, self.resize, settings.jpeg_draft)
         if declared_pixels(data) > LARGE_IMAGE_PIXELS:
-            pool = self.large_decodes
-            return await asyncio.get_running_loop().run_in_executor(
-                pool, prepare_image, data, self.image_limits, self.resize
-            )
-        return await asyncio.to_thread(prepare_image, data, self.image_limits, self.resize)
+            return await asyncio.get_running_loop().run_in_executor(self.large_decodes, *work)
+        return await asyncio.to_thread(*work)
 
 
 def caption_job(image: PreparedImage, options: CaptionOptions) -> CaptionJob:

@@ -67,8 +67,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.scope.get("state", {}).get("multipart_complete") is False:
-            return error_response(400, CUT_OFF)  # not "missing field": the upload ended early
         return error_response(400, validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)

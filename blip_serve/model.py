@@ -192,30 +192,27 @@ class BlipCaptioner:
         logger.error("generate failed for one job", exc_info=exc)
         return CaptionResult(error="internal error: the model failed on this image; see the server log", status=500)
 
-    def check(self, job: CaptionJob) -> None:
-        """What the API service already checked, checked again where a mistake would crash generate."""
-        if job.pixels.shape != self.pixel_shape or job.pixels.dtype != np.uint8:
-            raise JobRejected(f"pixels must be {self.pixel_shape} uint8, got {job.pixels.shape} {job.pixels.dtype}")
-        start = len(self.processor.tokenizer(job.prompt).input_ids) - 1 if job.prompt else 1
-        if start + job.max_new_tokens > self.positions:
-            raise JobRejected(
-                f"the prompt and max_new_tokens need {start + job.max_new_tokens} positions; the model has {self.positions}"
-            )
-
     @torch.inference_mode()
     def generate(self, jobs: list[CaptionJob]) -> list[str]:
-        """Captions for jobs that share prompt and options, in one generate."""
-        for job in jobs:
-            self.check(job)
+        """Captions for jobs that share prompt and options, in one generate. What the API service
+        already checked is checked again here, where a mistake would crash generate (JobRejected)."""
         prompt, max_new_tokens, num_beams = jobs[0].generation_options()
-        pixel_values = self.normalize(np.stack([job.pixels for job in jobs])).to(self.input_dtype)
-        prompt_inputs = {}
+        for job in jobs:
+            if job.pixels.shape != self.pixel_shape or job.pixels.dtype != np.uint8:
+                raise JobRejected(f"pixels must be {self.pixel_shape} uint8, got {job.pixels.shape} {job.pixels.dtype}")
+        prompt_inputs, start = {}, 1  # generate starts from [DEC], or [DEC] + the prompt's tokens
         if prompt:
-            tokens = self.processor.tokenizer([prompt] * len(jobs), return_tensors="pt")
+            tokens = self.processor.tokenizer(prompt, return_tensors="pt")  # once: every job has this prompt
+            start = tokens["input_ids"].shape[1] - 1
             prompt_inputs = {
-                "input_ids": tokens["input_ids"].to(self.device),
-                "attention_mask": tokens["attention_mask"].to(self.device),
+                "input_ids": tokens["input_ids"].repeat(len(jobs), 1).to(self.device),
+                "attention_mask": tokens["attention_mask"].repeat(len(jobs), 1).to(self.device),
             }
+        if start + max_new_tokens > self.positions:
+            raise JobRejected(
+                f"the prompt and max_new_tokens need {start + max_new_tokens} positions; the model has {self.positions}"
+            )
+        pixel_values = self.normalize(np.stack([job.pixels for job in jobs])).to(self.input_dtype)
         output = self.model.generate(
             pixel_values=pixel_values,
             **prompt_inputs,

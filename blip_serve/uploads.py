@@ -23,6 +23,7 @@ from .errors import BadRequest, UnsupportedImage
 from .http import CUT_OFF, FIELD_HINTS, validation_message
 from .settings import Settings
 
+MISSING_FILE = f"missing form field 'file': {FIELD_HINTS['file']}"
 BODIES = 'multipart/form-data (field \'file\'), application/json ({"image": "<base64>"}) or the image itself'
 
 
@@ -39,24 +40,17 @@ class Upload:
     data: bytes
 
 
-class OptionFields(BaseModel):
-    """The options as a client sends them, validated against the server's limits."""
+def options_model(settings: Settings) -> type[BaseModel]:
+    """The options as a client sends them, with this server's limits: a bad value is a 400 that
+    names the field and the limit."""
 
-    model_config = ConfigDict(extra="ignore")
-    prompt: str | None = None
-    max_new_tokens: int | None = None
-    num_beams: int | None = None
-
-
-def options_model(settings: Settings) -> type[OptionFields]:
-    """OptionFields with this server's limits, so a bad value is a 400 naming the field and limit."""
-
-    class LimitedOptions(OptionFields):
+    class CaptionOptionFields(BaseModel):
+        model_config = ConfigDict(extra="ignore")
         prompt: str | None = Field(None, max_length=settings.max_prompt_chars)
         max_new_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens_limit)
         num_beams: int | None = Field(None, ge=1, le=settings.max_beams)
 
-    return LimitedOptions
+    return CaptionOptionFields
 
 
 class UploadReader:
@@ -105,7 +99,7 @@ class UploadReader:
         content_type = request.headers.get("content-type", "").lower()
         if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             await request.body()  # read (and size-check) whatever came, then say what works
-            raise BadRequest(f"missing form field 'file': {FIELD_HINTS['file']}")
+            raise BadRequest(MISSING_FILE)
         return await request.form(max_files=max_files, max_fields=100)
 
     async def file_parts(self, request: Request, form: FormData) -> list[Upload]:
@@ -113,7 +107,7 @@ class UploadReader:
         if not parts:
             if request.scope.get("state", {}).get("multipart_complete") is False:
                 raise BadRequest(CUT_OFF)
-            raise BadRequest(f"missing form field 'file': {FIELD_HINTS['file']}")
+            raise BadRequest(MISSING_FILE)
         if not all(isinstance(part, UploadFile) for part in parts):
             raise BadRequest(f"the 'file' field must be an uploaded file, not text: {FIELD_HINTS['file']}")
         return [Upload(part.filename or "", await part.read()) for part in parts]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-import struct
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 
 from load_test.client import percentile
 from load_test.servers import BentoServer
-from support.images import encode, header_only_jpeg, scene
+from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene
 from support.nginx import NginxServer
 
 pytestmark = pytest.mark.slow  # starts the real server
@@ -207,12 +206,6 @@ def big_noise_png(width: int, height: int) -> bytes:
     return encode(Image.fromarray(np.tile(tile, (height // 64 + 1, width // 64 + 1, 1))[:height, :width]), "PNG")
 
 
-def exif_trap_jpeg() -> bytes:
-    entries = [(0x0112, 3, 1, 6), (0x0128, 4, 1, 70_000)]
-    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0" * 4
-    return encode(scene(9), "JPEG", exif=b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd)
-
-
 def api_worker(server) -> psutil.Process:
     workers = [
         p for p in psutil.Process(server.process.pid).children(recursive=True) if "CaptionAPI" in " ".join(p.cmdline())
@@ -247,7 +240,12 @@ async def bombs(url: str, uploads: list[bytes], rounds: int) -> list[int]:
 
 def test_costly_uploads_do_not_starve_normal_requests_or_keep_memory(strict_server):
     url = strict_server.url
-    bomb_uploads = [big_noise_png(6324, 6324), big_noise_png(12000, 600), header_only_jpeg(), exif_trap_jpeg()] * 2
+    bomb_uploads = [
+        big_noise_png(6324, 6324),
+        big_noise_png(12000, 600),
+        header_only_jpeg(),
+        encode(scene(9), "JPEG", exif=exif_with_orientation_and_an_oversized_short()),
+    ] * 2
     asyncio.run(normal_traffic(url, 20, 4))  # warm-up
     asyncio.run(bombs(url, bomb_uploads, 1))
     worker = api_worker(strict_server)

@@ -135,3 +135,15 @@ def test_openapi_describes_every_body(server):
     assert {"multipart/form-data", "application/json", "image/*", "application/octet-stream"} <= set(caption)
     captions = spec["paths"]["/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert captions["properties"]["file"]["maxItems"] == 32
+
+
+def test_jpeg_draft_setting_reaches_the_decoder(tiny_model_dir, tmp_path):
+    from load_test.servers import BentoServer
+
+    photo = encode(scene(31, (4032, 3024)), "JPEG", quality=90)
+    with BentoServer({"BLIP_MODEL": tiny_model_dir, "BLIP_JPEG_DRAFT": "true"}, tmp_path / "draft.log") as drafted:
+        response = post_caption(drafted, files={"file": ("phone.jpg", photo)}, headers={"X-Request-ID": "draft-1"})
+    log = drafted.log_text()  # after the stop: the access line follows the response
+    assert response.status_code == 200, response.text
+    # The tiny model takes 64 px: libjpeg's 1/8 scale (504x378) still covers it.
+    assert "request_id=draft-1" in log and "image=504x378" in log

@@ -4,7 +4,6 @@ refusal, the cost limits) and resize_image (equal to BLIP's image processor, bit
 from __future__ import annotations
 
 import io
-import struct
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 
 from blip_serve.errors import BadRequest, PayloadTooLarge, UnsupportedImage
 from blip_serve.images import ImageLimits, ResizeSpec, decode_image, first_scan_length, prepare_image, resize_image
-from support.images import encode, header_only_jpeg, scene, upload_corpus
+from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene, upload_corpus
 
 LIMIT = ImageLimits()
 
@@ -137,14 +136,6 @@ def test_first_scan_length_of_real_jpegs_passes_the_check():
             blocks = (1024 // 8) * (768 // 8)
             assert first_scan_length(data) * 8 >= blocks  # even a flat image spends a bit a block
             assert decode_image(data, LIMIT).size == (1024, 768)
-
-
-def exif_with_orientation_and_an_oversized_short() -> bytes:
-    """Orientation 6 (Pillow rotates, then re-encodes the EXIF) and ResolutionUnit, a SHORT tag,
-    stored as a LONG of 70,000: re-encoding it raised struct.error out of exif_transpose."""
-    entries = [(0x0112, 3, 1, 6), (0x0128, 4, 1, 70_000)]
-    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries) + b"\0" * 4
-    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 from PIL import Image
 
@@ -54,3 +56,11 @@ def header_only_jpeg(width: int = 6000, height: int = 6000) -> bytes:
     data = encode(Image.new("RGB", (width, height)), "JPEG", quality=10)
     start_of_scan = data.index(b"\xff\xda")
     return data[: start_of_scan + 200] + b"\xff\xd9"
+
+
+def exif_with_orientation_and_an_oversized_short() -> bytes:
+    """Orientation 6 (Pillow rotates, then re-encodes the EXIF) and ResolutionUnit, a SHORT tag,
+    stored as a LONG of 70,000: re-encoding it raised struct.error out of exif_transpose."""
+    entries = [(0x0112, 3, 1, 6), (0x0128, 4, 1, 70_000)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries) + b"\0" * 4
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
