@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 
@@ -48,17 +50,32 @@ def wait_until_ready(
 
 
 def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
-    """Stop a server and everything it started (its own process group)."""
+    """Stop a server and everything it started: its process group, and every descendant seen while
+    it shut down (BentoML's supervisor can respawn a worker as it stops, in a session of its own)."""
+    started: set[psutil.Process] = set()
+
+    def note_descendants() -> None:
+        try:
+            started.update(psutil.Process(process.pid).children(recursive=True))
+        except psutil.Error:  # the supervisor is gone already
+            pass
+
+    note_descendants()
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            note_descendants()
+            time.sleep(0.1)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # workers left behind by a crashed supervisor
     except ProcessLookupError:
         pass
+    for leftover in started:
+        try:
+            leftover.kill()
+        except psutil.Error:
+            pass
     process.wait()
 
 
