@@ -22,7 +22,7 @@ from pathlib import Path
 from .client import StepReport, run_step
 from .report import ratios, table, write_all
 from .sample_images import load_images
-from .servers import BaselineServer, BentoServer
+from .servers import BaselineServer, BentoServer, LitServeServer
 
 
 def sweep(name: str, url: str, images, args) -> list[StepReport]:
@@ -74,9 +74,11 @@ def finish(steps: list[StepReport], args, extra: dict | None = None) -> None:
     for r in (extra or {}).get("served_over_ceiling", []):
         print(f"blip-serve at concurrency {r['load']:g}: {r['ratio']:.0%} of the best in-process rate")
     if extra and extra.get("ratios"):
-        print("\nblip-serve / baseline:")
         for r in extra["ratios"]:
-            print(f"  {r['mode']} {r['load']:g}: throughput x{r['throughput_ratio']}, p95 x{r['p95_ratio']}")
+            print(
+                f"blip-serve / {r['baseline']}, {r['mode']} {r['load']:g}: "
+                f"throughput x{r['throughput_ratio']}, p95 x{r['p95_ratio']}"
+            )
     for path in write_all(steps, Path(args.out), extra):
         print(f"wrote {path}")
 
@@ -101,14 +103,22 @@ def compare(args) -> None:
             {**env, **dict(kv.split("=", 1) for kv in args.bento_env)}, out / "blip-serve.log"
         ),
         "baseline": lambda: BaselineServer(env, out / "baseline.log", workers=args.baseline_workers),
+        "litserve": lambda: LitServeServer(
+            {**env, **{k: v for k, v in (kv.split("=", 1) for kv in args.bento_env) if k == "BLIP_MAX_BATCH_SIZE"}},
+            out / "litserve.log",
+        ),
     }
     for name in args.servers:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
         with servers[name]() as server:
             steps += sweep(name, f"{server.url}/caption", images, args)
     extra = {"settings": {k: v for k, v in vars(args).items() if k != "func"}}
-    if {"blip-serve", "baseline"} <= set(args.servers):
-        extra["ratios"] = ratios(steps, "blip-serve", "baseline")
+    extra["ratios"] = [
+        {"baseline": other, **r}
+        for other in ("baseline", "litserve")
+        if {"blip-serve", other} <= set(args.servers)
+        for r in ratios(steps, "blip-serve", other)
+    ]
     if ceiling:
         best = max(c["images_per_s"] for c in ceiling)
         extra["ceiling"] = [{k: v for k, v in c.items() if k != "captions"} for c in ceiling]
@@ -153,11 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--name", nargs="*", help="a name per URL, for the table and plot")
     run_parser.set_defaults(func=run)
 
-    compare_parser = commands.add_parser("compare", parents=[common], help="blip-serve vs the per-request baseline")
+    compare_parser = commands.add_parser("compare", parents=[common], help="blip-serve vs the per-request baseline and LitServe")
     compare_parser.add_argument("--model", required=True, help="model directory both servers load")
     compare_parser.add_argument("--tokens", type=int, default=20, help="tokens generated per caption, forced on both")
     compare_parser.add_argument(
-        "--servers", nargs="+", default=["blip-serve", "baseline"], choices=["blip-serve", "baseline"]
+        "--servers",
+        nargs="+",
+        default=["blip-serve", "baseline"],
+        choices=["blip-serve", "baseline", "litserve"],
+        help="baseline: per-request FastAPI + gunicorn; litserve: BLIP on LitServe with its batching",
     )
     compare_parser.add_argument("--baseline-workers", type=int, default=2)
     compare_parser.add_argument(

@@ -146,3 +146,10 @@ def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> Ser
         "600",
     ]
     return ServerProcess(command, port, env, log_path)
+
+
+def LitServeServer(env: dict[str, str], log_path: Path) -> ServerProcess:
+    """BLIP on LitServe with its own batching (load_test.litserve_baseline), a second yardstick."""
+    port = free_port()
+    command = [sys.executable, "-m", "load_test.litserve_baseline"]
+    return ServerProcess(command, port, {**env, "PORT": str(port)}, log_path)
