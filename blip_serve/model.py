@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import types
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.modeling_blip import BlipAttention
 
+from .fast_decode import StaticCacheDecoder, unsupported_settings
 from .images import image_processor_config
 from .jobs import CaptionJob, CaptionResult, group_jobs
 from .settings import Settings
@@ -151,15 +153,33 @@ class BlipCaptioner:
         self.pixel_shape = (3, size["height"], size["width"])
         self.positions = model.config.text_config.max_position_embeddings
         self.min_new_tokens = settings.min_new_tokens
+        self.fast_decoder = self.compiled_decoder() if settings.compile else None
         logger.info(
-            "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d, model worker %d",
+            "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d, model worker %d, compiled %s",
             model_dir,
             self.device,
             self.precision,
             settings.attention,
             self.threads,
             worker,
+            self.fast_decoder is not None,
         )
+
+    def compiled_decoder(self) -> StaticCacheDecoder | None:
+        """BLIP_COMPILE's decoder, compiled now (before /readyz turns 200) for one image and for a batch:
+        the first compilation takes from tens of seconds to minutes."""
+        unsupported = unsupported_settings(self.model)
+        if unsupported:
+            logger.warning("BLIP_COMPILE ignored: the model's generation config sets %s", ", ".join(unsupported))
+            return None
+        decoder = StaticCacheDecoder(self.model, self.device)
+        started = time.monotonic()
+        blank = np.zeros(self.pixel_shape, dtype=np.uint8)
+        for batch in (1, 2):
+            pixels = self.normalize(np.stack([blank] * batch)).to(self.input_dtype)
+            decoder.generate(pixels, None, max_new_tokens=3, min_new_tokens=3)
+        logger.info("BLIP_COMPILE: decode step compiled in %.0f s", time.monotonic() - started)
+        return decoder
 
     def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """One result per job, in order. Jobs that share prompt and options share one generate."""
@@ -213,11 +233,17 @@ class BlipCaptioner:
                 f"the prompt and max_new_tokens need {start + max_new_tokens} positions; the model has {self.positions}"
             )
         pixel_values = self.normalize(np.stack([job.pixels for job in jobs])).to(self.input_dtype)
+        min_new_tokens = min(self.min_new_tokens, max_new_tokens)
+        if self.fast_decoder is not None and num_beams == 1:
+            output = self.fast_decoder.generate(
+                pixel_values, prompt_inputs.get("input_ids"), max_new_tokens, min_new_tokens
+            )
+            return self.processor.batch_decode(output, skip_special_tokens=True)
         output = self.model.generate(
             pixel_values=pixel_values,
             **prompt_inputs,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min(self.min_new_tokens, max_new_tokens) or None,
+            min_new_tokens=min_new_tokens or None,
             num_beams=num_beams,
             do_sample=False,
         )

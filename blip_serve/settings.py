@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "hybrid", "fp16"] = "auto"
     attention: Literal["sdpa", "eager"] = "sdpa"
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: one per core the model process may use
+    compile: bool = False  # greedy decoding through a static KV cache and a compiled step (fast_decode.py)
     api_workers: int = Field(1, ge=1, le=256)  # API service processes (decode + resize)
     model_workers: int = Field(1, ge=1, le=64)  # model processes: one per GPU; on a CPU they split the cores
     max_batch_size: int = Field(8, ge=1, le=4096)

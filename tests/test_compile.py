@@ -1,0 +1,83 @@
+"""BLIP_COMPILE: the static-cache greedy decoder gives generate's tokens (tiny model, fp32), in
+process with the step uncompiled, and compiled through the real server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.settings import load_settings
+from load_test.servers import BentoServer
+from support.clients import post_caption, post_concurrently
+from support.images import encode, scene
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    from blip_serve.model import BlipCaptioner
+
+    return BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "fp32"}))
+
+
+@pytest.fixture(scope="module")
+def pixel_values(captioner, tiny_model_dir):
+    spec = ResizeSpec.from_model_dir(tiny_model_dir)
+    pixels = [prepare_image(encode(scene(700 + i), "PNG"), ImageLimits(), spec).pixels for i in range(6)]
+    return captioner.normalize(np.stack(pixels))
+
+
+@pytest.mark.parametrize(
+    "prompt, max_new_tokens, min_new_tokens",
+    [(None, 20, 0), (None, 12, 12), ("a picture of", 10, 0), ("a picture of", 15, 4)],
+)
+def test_static_cache_decoder_gives_generates_tokens(captioner, pixel_values, prompt, max_new_tokens, min_new_tokens):
+    from blip_serve.fast_decode import StaticCacheDecoder
+
+    decoder = StaticCacheDecoder(captioner.model, "cpu")
+    decoder.step = decoder.decode_step  # the same maths, uncompiled: compiling is the server test's part
+    prompt_ids = None
+    if prompt:
+        prompt_ids = captioner.processor.tokenizer([prompt] * len(pixel_values), return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        expected = captioner.model.generate(
+            pixel_values=pixel_values,
+            input_ids=None if prompt_ids is None else prompt_ids.clone(),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
+            do_sample=False,
+            num_beams=1,
+        )
+    tokens = decoder.generate(pixel_values, prompt_ids, max_new_tokens, min_new_tokens)
+    assert tokens.tolist() == expected.tolist()
+
+
+def test_a_generation_config_with_other_rules_keeps_generate(captioner):
+    from blip_serve.fast_decode import unsupported_settings
+
+    config = captioner.model.text_decoder.generation_config
+    assert unsupported_settings(captioner.model) == []
+    config.repetition_penalty = 1.3
+    try:
+        assert unsupported_settings(captioner.model) == ["repetition_penalty"]
+    finally:
+        config.repetition_penalty = 1.0
+
+
+@pytest.mark.slow  # starts the real server and compiles the step (about a minute on 2 cores)
+def test_compiled_server_captions_equal_the_reference(tiny_model_dir, reference, tmp_path):
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_COMPILE": "1"}
+    images = [encode(scene(1100 + i), "PNG") for i in range(24)]
+    with BentoServer(env, tmp_path / "bentoml.log") as server:
+        answers = post_concurrently(f"{server.url}/caption", images)
+        prompted = post_caption(
+            server, files={"file": images[0]}, data={"prompt": "a picture of", "max_new_tokens": "12"}
+        )
+        beams = post_caption(server, files={"file": images[1]}, data={"num_beams": "2"})  # generate's own path
+        log = server.log_text()
+    assert "decode step compiled" in log
+    assert [a.status for a in answers] == [200] * len(images)
+    assert [a.body["caption"] for a in answers] == [reference.caption(d) for d in images]
+    assert prompted.json() == {"caption": reference.caption(images[0], prompt="a picture of", max_new_tokens=12)}
+    assert beams.json() == {"caption": reference.caption(images[1], num_beams=2)}
