@@ -4,6 +4,7 @@ and the per-request baseline, each on a free port, ready once /readyz says 200, 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,15 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def executable(name: str) -> str:
+    """A console script of this Python: beside the interpreter, else on PATH (a `pip --target` install)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else shutil.which(name) or str(beside)
+
+
+BENTOML = executable("bentoml")
 
 
 def free_port() -> int:
@@ -36,17 +45,22 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 def wait_until_ready(
-    url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300.0, ready: int | None = 200
+    url: str,
+    process: subprocess.Popen,
+    log_path: Path,
+    timeout: float = 300.0,
+    ready: int | None = 200,
+    path: str = "/readyz",
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        status = http_status(f"{url}/readyz")
+        status = http_status(f"{url}{path}")
         if status is not None and (ready is None or status == ready):
             return
         time.sleep(0.5)
-    raise TimeoutError(f"{url}/readyz not 200 after {timeout}s:\n{log_path.read_text()[-4000:]}")
+    raise TimeoutError(f"{url}{path} not 200 after {timeout}s:\n{log_path.read_text()[-4000:]}")
 
 
 def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -89,6 +103,7 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
         self.process: subprocess.Popen | None = None
+        self.ready_path = "/readyz"
 
     def start(self, timeout: float = 300.0, ready: int | None = 200) -> ServerProcess:
         """Start, then wait until /readyz answers `ready` (None: any HTTP answer at all)."""
@@ -97,7 +112,7 @@ class ServerProcess:
             self.command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            wait_until_ready(self.url, self.process, self.log_path, timeout, ready)
+            wait_until_ready(self.url, self.process, self.log_path, timeout, ready, self.ready_path)
         except BaseException:
             self.stop()
             raise
@@ -134,7 +149,7 @@ def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> Ser
     """The per-request design this project replaces: FastAPI under gunicorn, a model per worker."""
     port = free_port()
     command = [
-        str(Path(sys.executable).with_name("gunicorn")),
+        executable("gunicorn"),
         "load_test.baseline:app",
         "--worker-class",
         "uvicorn.workers.UvicornWorker",

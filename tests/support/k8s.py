@@ -1,0 +1,25 @@
+"""k8s/ rendered by kubectl's built-in kustomize, as Python objects."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import yaml
+
+from load_test.servers import REPO
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with kustomize built in) is needed: .ci/run installs it"
+    text = subprocess.run(
+        [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def one(objects: list[dict], kind: str, name_prefix: str = "blip-serve") -> dict:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].startswith(name_prefix)]
+    assert len(found) == 1, f"{kind}: {[o['metadata']['name'] for o in found]}"
+    return found[0]
