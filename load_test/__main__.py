@@ -112,6 +112,7 @@ def compare(args) -> None:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
         with servers[name]() as server:
             steps += sweep(name, f"{server.url}/caption", images, args)
+        write_all(steps, out, {"ceiling": ceiling})  # so far: a run cut short keeps what it measured
     extra = {"settings": {k: v for k, v in vars(args).items() if k != "func"}}
     extra["ratios"] = [
         {"baseline": other, **r}
@@ -163,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--name", nargs="*", help="a name per URL, for the table and plot")
     run_parser.set_defaults(func=run)
 
-    compare_parser = commands.add_parser("compare", parents=[common], help="blip-serve vs the per-request baseline and LitServe")
+    compare_parser = commands.add_parser(
+        "compare", parents=[common], help="blip-serve vs the per-request baseline and LitServe"
+    )
     compare_parser.add_argument("--model", required=True, help="model directory both servers load")
     compare_parser.add_argument("--tokens", type=int, default=20, help="tokens generated per caption, forced on both")
     compare_parser.add_argument(

@@ -40,8 +40,8 @@ def measure(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, r
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--precision", help="default: BLIP_PRECISION, as the server reads it")
+    parser.add_argument("--attention", help="default: BLIP_ATTENTION")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the server's default)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=20, help="generated tokens per image (forced)")
@@ -49,11 +49,12 @@ def main() -> None:
     parser.add_argument("--json", help="append the results to this JSON-lines file")
     args = parser.parse_args()
 
-    settings = load_settings().model_copy(
+    settings = load_settings()
+    settings = settings.model_copy(
         update={
             "model": args.model,
-            "precision": args.precision,
-            "attention": args.attention,
+            "precision": args.precision or settings.precision,
+            "attention": args.attention or settings.attention,
             "torch_threads": args.threads,
             "min_new_tokens": args.tokens,
         }
@@ -64,7 +65,8 @@ def main() -> None:
         rate, captions = measure(captioner, jobs, batch_size, args.repeats)
         result = {
             "precision": captioner.precision,
-            "attention": args.attention,
+            "attention": settings.attention,
+            "compiled": captioner.fast_decoder is not None,
             "threads": captioner.threads,
             "batch_size": batch_size,
             "tokens": args.tokens,

@@ -173,7 +173,8 @@ async def run_step(
             await closed_loop(session, url, images, max(1, int(load)) if mode == "closed" else 1, warmup, headers)
         before = await read_batch_histogram(session, base_url)
         label = f"{server} {mode} {'c' if mode == 'closed' else 'rate '}{load:g}"
-        with tqdm(total=total, desc=label, leave=False, disable=not show_progress) as progress:
+        # disable=None: no bar when stderr is not a terminal (a log file)
+        with tqdm(total=total, desc=label, leave=False, disable=None if show_progress else True) as progress:
             started = time.perf_counter()
             if mode == "closed":
                 outcomes = await closed_loop(session, url, images, int(load), total, headers, progress)
