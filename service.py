@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from blip_serve import server_patches
+from blip_serve.drain import Drain, api_workers_gone
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
 from blip_serve.images import (
@@ -85,6 +86,14 @@ class BlipModelService:
 
         worker = bentoml.server_context.worker_index or 1
         self.captioner = BlipCaptioner(model_dir(self.model_files), settings, worker)
+        # On SIGTERM: serve on until the API workers have answered everything they accepted.
+        self.drain = Drain(
+            settings.drain_s, until=api_workers_gone, longest_s=settings.drain_s + settings.request_timeout_s
+        )
+
+    @bentoml.on_startup
+    def drain_on_sigterm(self) -> None:
+        self.drain.install()
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
@@ -145,6 +154,14 @@ class CaptionAPI:
         slots = settings.max_concurrent_decodes or max(1, len(os.sched_getaffinity(0)) // 2)
         self.large_decodes = ThreadPoolExecutor(slots, "large-decode", initializer=lower_thread_priority)
         return_freed_memory_to_os()
+        self.drain = Drain(settings.drain_s)  # on SIGTERM: /readyz 503 for BLIP_DRAIN_S, then finish
+
+    @bentoml.on_startup
+    def drain_on_sigterm(self) -> None:
+        self.drain.install()
+
+    def __is_ready__(self) -> bool:  # BentoML's /readyz
+        return not self.drain.draining
 
     @app.post("/caption", response_model=CaptionResponse, openapi_extra=caption_bodies(settings))
     async def post_caption(self, request: Request) -> CaptionResponse:

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     # Time limits
     request_timeout_s: int = Field(120, ge=1)
+    drain_s: float = Field(5.0, ge=0)  # after SIGTERM: serve on with /readyz 503 this long, then finish
     body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must send its headers within this
 

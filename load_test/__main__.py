@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     compare_parser.set_defaults(func=compare)
 
     args = parser.parse_args(argv)
+    # `timeout` and Ctrl-C: exit through the `with` blocks, so the servers started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.func(args)
 
 

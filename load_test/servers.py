@@ -141,7 +141,8 @@ def BentoServer(env: dict[str, str], log_path: Path, port: int | None = None) ->
     # A BentoML home of its own: `bentoml serve` clears its home's Prometheus folder on start,
     # which would wipe the /metrics of any other server sharing it.
     home = Path(log_path).parent / f"bentoml-home-{port}"
-    env = {"BENTOML_HOME": str(home), **env}
+    # No drain window unless asked for: stopping a test server should not wait BLIP_DRAIN_S.
+    env = {"BENTOML_HOME": str(home), "BLIP_DRAIN_S": "0", **env}
     return ServerProcess([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(port)], port, env, log_path)
 
 

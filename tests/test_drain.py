@@ -1,0 +1,56 @@
+"""SIGTERM to `bentoml serve` (what a rolling update, a scale-down or `docker compose stop` send to
+the container's first process): every request already accepted is answered, /readyz turns 503 at
+once, new requests are still served during the drain, and the server then exits by itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from load_test.servers import BentoServer
+from support.clients import post_concurrently
+from support.images import encode, scene
+
+pytestmark = pytest.mark.slow  # starts the real server
+DRAIN_S = 4
+
+
+def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, tmp_path):
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_MAX_NEW_TOKENS": "60",
+        "BLIP_MIN_NEW_TOKENS": "60",  # slow enough that requests are still in flight at SIGTERM
+        "BLIP_MAX_BATCH_SIZE": "4",
+        "BLIP_DRAIN_S": str(DRAIN_S),
+    }
+    images = [encode(scene(1300 + i), "PNG") for i in range(8)]
+    server = BentoServer(env, tmp_path / "bentoml.log").start()
+    try:
+        answers: list = []
+        sender = threading.Thread(target=lambda: answers.extend(post_concurrently(f"{server.url}/caption", images)))
+        sender.start()
+        time.sleep(0.5)  # all eight sent: some in the model, the rest queued behind them
+        os.kill(server.process.pid, signal.SIGTERM)  # to the supervisor only, as a container runtime does
+        sigterm = time.monotonic()
+
+        readyz = httpx.get(f"{server.url}/readyz", timeout=5)
+        readyz_after = time.monotonic() - sigterm
+        during_drain = httpx.post(f"{server.url}/caption", files={"file": images[0]}, timeout=60)
+        sender.join(timeout=60)
+        exit_code = server.process.wait(timeout=60)
+        exited_after = time.monotonic() - sigterm
+        log = server.log_text()
+    finally:
+        server.stop()
+
+    assert readyz.status_code == 503 and readyz_after < 2, (readyz.status_code, readyz_after)
+    assert during_drain.status_code == 200 and during_drain.json()["caption"]
+    assert [a.status for a in answers] == [200] * 8
+    assert all(a.body["caption"] for a in answers)
+    assert "SIGTERM: draining" in log and "drained: no new connections now" in log
+    assert exit_code == 0 and DRAIN_S <= exited_after < DRAIN_S + 30, (exit_code, exited_after)
