@@ -1,5 +1,5 @@
-"""The container smoke test: hermetic image with buildah, run with podman. Not in the default run
-(minutes, ~2 GB of downloads): `pytest -m container`."""
+"""The container smoke tests: hermetic image with buildah, run with podman, and the compose stack
+under podman-compose. Not in the default run (minutes, ~2 GB of downloads): `pytest -m container`."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ def test_container_smoke_script(tmp_path):
     assert "container smoke: OK" in result.stdout
     assert "container user: bentoml" in result.stdout
     assert "ready with --network none: yes" in result.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("podman-compose") is None, reason="needs podman-compose (apt-get install podman-compose)"
+)
+def test_compose_smoke_script(tmp_path):
+    """docker-compose.yml under podman-compose: two replicas behind nginx, one killed."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    env.pop("BLIP_MODEL", None)
+    result = subprocess.run(
+        ["bash", "container/compose-smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000
+    )
+    output = result.stdout + result.stderr
+    print(output[-3000:])
+    assert result.returncode == 0, output[-6000:]
+    assert "compose smoke: OK" in result.stdout
+    assert "requests through nginx after the kill: 20/20 answered 200" in result.stdout
+    assert "killed replica restarted by its restart policy, now healthy" in result.stdout
