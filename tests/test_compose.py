@@ -28,9 +28,19 @@ def test_service_names_and_ports_agree_with_nginx():
     host, port = re.search(r"upstream bento \{[^}]*server (\w+):(\d+)", nginx).groups()
     assert host in compose["services"]
     assert port in compose["services"][host]["expose"]
-    assert "80:80" in compose["services"]["nginx"]["ports"] and "listen 80;" in nginx
+    assert "${BLIP_HTTP_PORT:-80}:80" in compose["services"]["nginx"]["ports"] and "listen 80;" in nginx
+    assert "/tmp/nginx" in compose["services"]["nginx"]["tmpfs"] and "pid /tmp/nginx/" in nginx
     assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in compose["services"]["nginx"]["volumes"]
     assert "/readyz" in " ".join(compose["services"][host]["healthcheck"]["test"])
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     devices = gpu["services"][host]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_no_empty_default_that_podman_compose_would_pass_literally():
+    """podman-compose 1.0.3 (Debian 12) passes "${X:-}" through as text: BLIP_MODEL would become the
+    hub id "${BLIP_MODEL:-}". Optional settings are passed by bare name instead."""
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        assert ":-}" not in (REPO / name).read_text(), name
+    environment = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["bento"]["environment"]
+    assert "BLIP_MODEL" in environment and "BLIP_API_KEY" in environment
