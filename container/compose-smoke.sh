@@ -25,7 +25,8 @@ start=$(seconds)
 podman image exists "$base" || container/build-base-image.sh "$base"
 podman image exists "$nginx_image" || buildah bud --isolation chroot -f container/nginx.Containerfile -t "$nginx_image" container
 images_done=$(seconds)
-container/build-offline.sh "$BLIP_IMAGE"
+# REUSE_IMAGE=1 keeps an image built by an earlier run (when only the compose files changed).
+[ "${REUSE_IMAGE:-0}" = 1 ] && podman image exists "$BLIP_IMAGE" || container/build-offline.sh "$BLIP_IMAGE"
 build_done=$(seconds)
 
 export BLIP_HTTP_PORT
@@ -58,6 +59,10 @@ url="http://127.0.0.1:$BLIP_HTTP_PORT/caption"
 answer=$(curl -fsS -F file=@build/smoke.jpg "$url")
 echo "caption through nginx: $answer"
 echo "$answer" | grep -q '"caption"'
+for _ in $(seq 10); do curl -fsS -o /dev/null -F file=@build/smoke.jpg "$url"; done
+upstreams=$(podman logs "${project}_nginx_1" 2>&1 | grep -o 'upstream=[0-9.]*:3000' | sort -u | wc -l)
+echo "bento replicas that answered through nginx: $upstreams"
+[ "$upstreams" = 2 ]
 first_start=$(podman inspect --format '{{.State.StartedAt}}' "${bentos[0]}")
 
 # A crash, not a stop: kill the replica's server process from the host (a `podman stop` or

@@ -48,5 +48,6 @@ def test_compose_smoke_script(tmp_path):
     print(output[-3000:])
     assert result.returncode == 0, output[-6000:]
     assert "compose smoke: OK" in result.stdout
+    assert "bento replicas that answered through nginx: 2" in result.stdout
     assert "requests through nginx after the kill: 20/20 answered 200" in result.stdout
     assert "killed replica restarted by its restart policy, now healthy" in result.stdout

@@ -138,3 +138,13 @@ def test_gpu_overlay_asks_for_a_gpu_node():
     assert pod["nodeSelector"]
     assert settings_of(objects)["BLIP_PRECISION"] == "fp16"
     assert "nvidia.com/gpu" not in container(render("cpu"))["resources"].get("limits", {})
+
+
+def test_with_a_read_only_root_bentoml_home_is_on_a_volume(rendered):
+    """BentoML creates folders in its home at start: a read-only root needs it on a writable mount
+    (checked with the real image under podman --read-only; README, Kubernetes)."""
+    _, objects = rendered
+    spec = container(objects)
+    assert spec["securityContext"]["readOnlyRootFilesystem"] is True
+    home = {e["name"]: e.get("value") for e in spec["env"]}["BENTOML_HOME"]
+    assert any(home.startswith(mount["mountPath"] + "/") for mount in spec["volumeMounts"]), home
