@@ -20,18 +20,22 @@ pytestmark = [
 ]
 
 
-def test_container_smoke_script(tmp_path):
+def run_script(script: str, tmp_path) -> str:
+    """Run a container/ script with a BentoML home of its own; its stdout, once it succeeded."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
     env.pop("BLIP_MODEL", None)
-    result = subprocess.run(
-        ["bash", "container/smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000
-    )
+    result = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
     output = result.stdout + result.stderr
     print(output[-3000:])
     assert result.returncode == 0, output[-6000:]
-    assert "container smoke: OK" in result.stdout
-    assert "container user: bentoml" in result.stdout
-    assert "ready with --network none: yes" in result.stdout
+    return result.stdout
+
+
+def test_container_smoke_script(tmp_path):
+    stdout = run_script("container/smoke.sh", tmp_path)
+    assert "container smoke: OK" in stdout
+    assert "container user: bentoml" in stdout
+    assert "ready with --network none: yes" in stdout
 
 
 @pytest.mark.skipif(
@@ -39,15 +43,8 @@ def test_container_smoke_script(tmp_path):
 )
 def test_compose_smoke_script(tmp_path):
     """docker-compose.yml under podman-compose: two replicas behind nginx, one killed."""
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    env.pop("BLIP_MODEL", None)
-    result = subprocess.run(
-        ["bash", "container/compose-smoke.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000
-    )
-    output = result.stdout + result.stderr
-    print(output[-3000:])
-    assert result.returncode == 0, output[-6000:]
-    assert "compose smoke: OK" in result.stdout
-    assert "bento replicas that answered through nginx: 2" in result.stdout
-    assert "requests through nginx after the kill: 20/20 answered 200" in result.stdout
-    assert "killed replica restarted by its restart policy, now healthy" in result.stdout
+    stdout = run_script("container/compose-smoke.sh", tmp_path)
+    assert "compose smoke: OK" in stdout
+    assert "bento replicas that answered through nginx: 2" in stdout
+    assert "requests through nginx after the kill: 20/20 answered 200" in stdout
+    assert "killed replica restarted by its restart policy, now healthy" in stdout
