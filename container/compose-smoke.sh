@@ -8,19 +8,9 @@
 # packages) and this repo's venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export BUILDAH_ISOLATION=chroot
-export CONTAINERS_STORAGE_CONF=${CONTAINERS_STORAGE_CONF:-$PWD/container/storage.conf}
-export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/container/containers.conf}
-export BENTOML_HOME=${BENTOML_HOME:-/var/tmp/blip-serve-smoke/bentoml}
-export BENTOML_DO_NOT_TRACK=True
-base=localhost/blip-serve-base:bookworm
+source container/smoke-env.sh
 nginx_image=localhost/blip-serve-nginx:bookworm
 export BLIP_IMAGE=localhost/blip-serve:compose
-seconds() { date +%s; }
-
-model=${MODEL_DIR:-build/tiny-model}
-[ -f "$model/config.json" ] || python -m blip_serve.tiny_model "$model"
-python -m blip_serve.import_model "$model"
 start=$(seconds)
 podman image exists "$base" || container/build-base-image.sh "$base"
 podman image exists "$nginx_image" || buildah bud --isolation chroot -f container/nginx.Containerfile -t "$nginx_image" container

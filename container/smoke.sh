@@ -5,19 +5,9 @@
 # Needs root, buildah, podman, runc, debootstrap (Debian packages) and this repo's venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export BUILDAH_ISOLATION=chroot
-export CONTAINERS_STORAGE_CONF=${CONTAINERS_STORAGE_CONF:-$PWD/container/storage.conf}
-export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/container/containers.conf}
-export BENTOML_HOME=${BENTOML_HOME:-/var/tmp/blip-serve-smoke/bentoml}   # a model store of its own
-export BENTOML_DO_NOT_TRACK=True
-base=localhost/blip-serve-base:bookworm
+source container/smoke-env.sh
 tag=localhost/blip-serve:smoke
 podman=(podman --runtime runc --cgroup-manager cgroupfs)
-seconds() { date +%s; }
-
-model=${MODEL_DIR:-build/tiny-model}
-[ -f "$model/config.json" ] || python -m blip_serve.tiny_model "$model"
-python -m blip_serve.import_model "$model"
 
 start=$(seconds)
 podman image exists "$base" || container/build-base-image.sh "$base"
