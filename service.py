@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from blip_serve import server_patches
-from blip_serve.drain import Drain, api_workers_gone
+from blip_serve.drain import CaptionsInFlight, Drain, api_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
 from blip_serve.images import (
@@ -62,6 +62,7 @@ TRACING = {} if settings.tracing else {"excluded_urls": "/"}
 LOGGING = {"access": {"enabled": False}}
 
 server_patches.bound_metric_labels()
+server_patches.use_h11()  # the header timeout patches h11; httptools, if installed, would bypass it
 
 
 @bentoml.service(
@@ -88,7 +89,7 @@ class BlipModelService:
         self.captioner = BlipCaptioner(model_dir(self.model_files), settings, worker)
         # On SIGTERM: serve on until the API workers have answered everything they accepted.
         self.drain = Drain(
-            settings.drain_s, until=api_workers_gone, longest_s=settings.drain_s + settings.request_timeout_s
+            settings.drain_s, wait_for=api_workers, longest_s=settings.drain_s + settings.request_timeout_s
         )
 
     @bentoml.on_startup
@@ -154,7 +155,10 @@ class CaptionAPI:
         slots = settings.max_concurrent_decodes or max(1, len(os.sched_getaffinity(0)) // 2)
         self.large_decodes = ThreadPoolExecutor(slots, "large-decode", initializer=lower_thread_priority)
         return_freed_memory_to_os()
-        self.drain = Drain(settings.drain_s)  # on SIGTERM: /readyz 503 for BLIP_DRAIN_S, then finish
+        # On SIGTERM: /readyz 503 for BLIP_DRAIN_S, then exit once the caption requests are answered.
+        self.drain = Drain(
+            settings.drain_s, in_flight=CaptionsInFlight, longest_s=settings.drain_s + settings.request_timeout_s + 10
+        )
 
     @bentoml.on_startup
     def drain_on_sigterm(self) -> None:
@@ -235,6 +239,7 @@ app.add_middleware(
 )
 # Around every path, BentoML's own (/readyz, /metrics ...) too: RequestLog outermost, so it logs the
 # status JsonErrors sends.
+CaptionAPI.add_asgi_middleware(CaptionsInFlight)  # what a drain waits for
 CaptionAPI.add_asgi_middleware(RequestLog)
 CaptionAPI.add_asgi_middleware(JsonErrors)
 

@@ -6,9 +6,14 @@ stays open in the supervisor), and an API worker that had not yet sent an accept
 model worker finds it gone. So each worker wraps uvicorn's SIGTERM handler:
 
 - the API worker keeps serving for BLIP_DRAIN_S with /readyz answering 503, so health checks take
-  the replica out of rotation, then hands over to uvicorn, which finishes what is in flight;
+  the replica out of rotation, then hands over to uvicorn (no new connections) and exits once the
+  caption requests in flight (CaptionsInFlight) are answered;
 - the model worker keeps serving until the API workers beside it have exited (their requests are
-  all answered), at most BLIP_DRAIN_S + BLIP_REQUEST_TIMEOUT_S, then hands over likewise.
+  all answered), at most BLIP_DRAIN_S + BLIP_REQUEST_TIMEOUT_S, then exits likewise.
+
+Each then makes uvicorn exit without waiting for the rest: uvicorn's own graceful shutdown also
+waits for every other task, and a /readyz whose client gave up while the model was still loading
+left one that never ended, so the worker never exited.
 """
 
 from __future__ import annotations
@@ -27,13 +32,22 @@ POLL_S = 0.5
 
 
 class Drain:
-    def __init__(self, seconds: float, until: Callable[[], bool] | None = None, longest_s: float = 0.0):
-        """Serve on for `seconds` after SIGTERM; then, if `until` is given, also until it returns
-        True or `longest_s` have passed since SIGTERM."""
+    def __init__(
+        self,
+        seconds: float,
+        wait_for: Callable[[], list[psutil.Process]] | None = None,
+        in_flight: CaptionsInFlight | None = None,
+        longest_s: float = 0.0,
+    ):
+        """Serve on for `seconds` after SIGTERM; also until the processes `wait_for` named at SIGTERM
+        have exited; then stop accepting, and exit once `in_flight` is zero. Never longer than
+        `longest_s` (at least `seconds`) after SIGTERM."""
         self.seconds = seconds
-        self.until = until
+        self.wait_for = wait_for
+        self.in_flight = in_flight
         self.longest_s = max(longest_s, seconds)
         self.since: float | None = None
+        self.waited: list[psutil.Process] = []
 
     @property
     def draining(self) -> bool:
@@ -52,6 +66,8 @@ class Drain:
                 handler(signum, frame)
                 return
             self.since = time.monotonic()
+            # Named now: a process BentoML's supervisor respawns while stopping is not waited for.
+            self.waited = self.wait_for() if self.wait_for else []
             logger.info("SIGTERM: draining (/readyz 503) for %g s, then finishing requests in flight", self.seconds)
             loop.call_soon_threadsafe(lambda: loop.create_task(self.hand_over(handler, signum, frame)))
 
@@ -59,22 +75,58 @@ class Drain:
 
     async def hand_over(self, handler, signum, frame) -> None:
         await asyncio.sleep(self.seconds)
-        while self.until is not None and not self.until() and time.monotonic() - self.since < self.longest_s:
+        while any(running(p) for p in self.waited) and not self.overdue():
             await asyncio.sleep(POLL_S)
+        handler(signum, frame)  # uvicorn: no new connections from here on
         logger.info("drained: no new connections now; exiting once the requests in flight are answered")
-        handler(signum, frame)
+        while self.in_flight is not None and self.in_flight.count and not self.overdue():
+            await asyncio.sleep(POLL_S / 5)
+        server = getattr(handler, "__self__", None)  # the uvicorn.Server whose handle_exit this is
+        if server is not None:
+            server.force_exit = True
+
+    def overdue(self) -> bool:
+        return time.monotonic() - self.since >= self.longest_s
 
 
-def api_workers_gone() -> bool:
-    """True once no CaptionAPI worker of this server (a sibling process) is left."""
+class CaptionsInFlight:
+    """ASGI middleware counting the requests to `paths` that have started and not yet finished
+    sending their answer, in this process."""
+
+    count = 0
+
+    def __init__(self, app, paths: tuple[str, ...] = ("/caption", "/captions")):
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            return await self.app(scope, receive, send)
+        CaptionsInFlight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CaptionsInFlight.count -= 1
+
+
+def api_workers() -> list[psutil.Process]:
+    """The CaptionAPI workers of this server: the processes beside this one."""
     try:
         siblings = psutil.Process(os.getppid()).children()
     except psutil.Error:
-        return True
+        return []
+    workers = []
     for process in siblings:
         try:
             if process.pid != os.getpid() and "CaptionAPI" in process.cmdline():
-                return False
+                workers.append(process)
         except psutil.Error:
             continue
-    return True
+    return workers
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

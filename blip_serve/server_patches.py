@@ -1,4 +1,4 @@
-"""Workarounds for two things BentoML's server does that a public endpoint cannot afford.
+"""Workarounds for things BentoML's server does that a public endpoint cannot afford.
 
 Applied once, from service.py, in every server process; each one is tested by the suite.
 
@@ -13,6 +13,7 @@ Applied once, from service.py, in every server process; each one is tested by th
    `header_timeout_s` (on connect, and after each response) is closed: with a JSON 408 if part of
    a request had arrived, silently if nothing had (as a keep-alive timeout closes, so that a client
    that sends just then sees a closed connection, which it retries, not a 408 for its request).
+   use_h11 keeps uvicorn on h11 where httptools is installed too, so this always applies.
    uvicorn's own 400 for bytes that are not HTTP is sent as JSON too. Applied in the API process
    only: the model service's connections come from the API service.
 """
@@ -77,6 +78,16 @@ def json_response_bytes(status: int, reason: str, message: str) -> bytes:
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def use_h11() -> None:
+    """uvicorn's "auto" HTTP protocol: h11 always. With httptools installed (uvicorn[standard], which
+    LitServe and many images pull in) uvicorn would pick httptools, and the header timeout below,
+    a patch of the h11 protocol, would silently not apply. Call before uvicorn loads its config
+    (at import of service.py: BentoML's worker imports the service first)."""
+    import uvicorn.config
+
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = "uvicorn.protocols.http.h11_impl:H11Protocol"
 
 
 def time_out_silent_connections(header_timeout_s: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
 import subprocess
 
@@ -11,8 +13,14 @@ from load_test.servers import REPO
 
 
 def render(overlay: str) -> list[dict]:
+    """The overlay's objects (a fresh copy: tests may edit them)."""
+    return copy.deepcopy(rendered_once(overlay))
+
+
+@functools.cache
+def rendered_once(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with kustomize built in) is needed: .ci/run installs it"
+    assert kubectl, "kubectl (kustomize built in) must be on PATH to render k8s/"
     text = subprocess.run(
         [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)], capture_output=True, text=True, check=True
     ).stdout
