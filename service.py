@@ -164,7 +164,7 @@ class CaptionAPI:
     def drain_on_sigterm(self) -> None:
         self.drain.install()
 
-    def __is_ready__(self) -> bool:  # BentoML's /readyz
+    async def __is_ready__(self) -> bool:  # BentoML's /readyz (async: no thread per probe)
         return not self.drain.draining
 
     @app.post("/caption", response_model=CaptionResponse, openapi_extra=caption_bodies(settings))

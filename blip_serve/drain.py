@@ -36,7 +36,7 @@ class Drain:
         self,
         seconds: float,
         wait_for: Callable[[], list[psutil.Process]] | None = None,
-        in_flight: CaptionsInFlight | None = None,
+        in_flight: type[CaptionsInFlight] | None = None,
         longest_s: float = 0.0,
     ):
         """Serve on for `seconds` after SIGTERM; also until the processes `wait_for` named at SIGTERM

@@ -47,7 +47,7 @@ def measure_ceiling(args) -> list[dict]:
     """The in-process ceiling (load_test.ceiling) in a child process, so its memory goes with it."""
     out = Path(args.out) / "ceiling.jsonl"
     out.unlink(missing_ok=True)
-    extra = dict(kv.split("=", 1) for kv in args.bento_env)
+    extra = dict(args.bento_env)
     command = [
         sys.executable,
         "-m",
@@ -85,7 +85,7 @@ def finish(steps: list[StepReport], args, extra: dict | None = None) -> None:
 
 
 def run(args) -> None:
-    images = load_images(args.images, size=tuple(int(v) for v in args.image_size.split("x")))
+    images = load_images(args.images, size=args.image_size)
     names = args.name or [f"server{i + 1}" for i in range(len(args.urls))]
     steps = [step for name, url in zip(names, args.urls) for step in sweep(name, url, images, args)]
     finish(steps, args)
@@ -93,19 +93,17 @@ def run(args) -> None:
 
 def compare(args) -> None:
     """Start each server in turn on this machine (never both at once), sweep it, stop it."""
-    images = load_images(args.images, size=tuple(int(v) for v in args.image_size.split("x")))
+    images = load_images(args.images, size=args.image_size)
     env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
     servers = {
-        "blip-serve": lambda: BentoServer(
-            {**env, **dict(kv.split("=", 1) for kv in args.bento_env)}, out / "blip-serve.log"
-        ),
+        "blip-serve": lambda: BentoServer({**env, **dict(args.bento_env)}, out / "blip-serve.log"),
         "baseline": lambda: BaselineServer(env, out / "baseline.log", workers=args.baseline_workers),
         "litserve": lambda: LitServeServer(
-            {**env, **{k: v for k, v in (kv.split("=", 1) for kv in args.bento_env) if k == "BLIP_MAX_BATCH_SIZE"}},
+            {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}},
             out / "litserve.log",
         ),
     }
@@ -153,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--images", help="folder of images to send (default: generated JPEGs, see --image-size)")
     common.add_argument(
         "--image-size",
-        default="640x480",
+        default=(640, 480),
+        type=lambda text: tuple(int(v) for v in text.split("x")),
         help="generated JPEGs' size, e.g. 1920x1080 or 4032x3024 (a 12 MP phone photo)",
     )
     common.add_argument("--api-key", help="sent as Authorization: Bearer <key>")
@@ -179,7 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     compare_parser.add_argument("--baseline-workers", type=int, default=2)
     compare_parser.add_argument(
-        "--bento-env", nargs="*", default=[], metavar="BLIP_X=VALUE", help="extra settings for blip-serve"
+        "--bento-env",
+        nargs="*",
+        default=[],
+        type=lambda text: tuple(text.split("=", 1)),
+        metavar="BLIP_X=VALUE",
+        help="extra settings for blip-serve",
     )
     compare_parser.add_argument(
         "--ceiling", action="store_true", help="first measure the in-process ceiling (load_test.ceiling)"

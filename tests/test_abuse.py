@@ -18,6 +18,7 @@ from PIL import Image
 
 from load_test.client import percentile
 from load_test.servers import BentoServer
+from support.clients import multipart_head
 from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene
 from support.nginx import NginxServer
 
@@ -53,15 +54,6 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
     while chunk := sock.recv(65536):
         data += chunk
     return data, time.monotonic() - started
-
-
-def multipart_head(length: int) -> bytes:
-    """Headers of a /caption upload of `length` bytes and the start of its file part."""
-    return (
-        f"POST /caption HTTP/1.1\r\nHost: x\r\nX-Request-ID: trickle-1\r\nContent-Length: {length}\r\n"
-        "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
-        '--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
-    ).encode()
 
 
 def trickle(sock: socket.socket, payload: bytes, interval_s: float) -> None:

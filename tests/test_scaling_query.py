@@ -10,6 +10,7 @@ import time
 import pytest
 
 from load_test.servers import BentoServer
+from support.clients import multipart_head
 from support.k8s import one, render
 from support.prometheus import SCRAPE_INTERVAL_S, PrometheusServer, query
 
@@ -23,14 +24,7 @@ def hold_request(url: str, path: str) -> socket.socket:
     """A caption request whose upload has begun and stays unfinished: in flight until closed."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(
-        (
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-            "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
-            '--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
-        ).encode()
-        + b"\xff\xd8" * 100
-    )
+    sock.sendall(multipart_head(100_000, path) + b"\xff\xd8" * 100)
     return sock
 
 

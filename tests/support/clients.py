@@ -50,3 +50,13 @@ def post_caption(server, files=None, data=None, **kwargs) -> httpx.Response:
 def batch_histogram(server) -> dict[str, float]:
     """The server's batch-size histogram, from its /metrics."""
     return parse_batch_histogram(httpx.get(f"{server.url}/metrics").text)
+
+
+def multipart_head(length: int, path: str = "/caption") -> bytes:
+    """Headers of an upload of `length` bytes to `path` and the start of its file part: what a
+    slow or stalled client has sent when it stops."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: trickle-1\r\nContent-Length: {length}\r\n"
+        "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
+        '--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+    ).encode()
