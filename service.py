@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from blip_serve import server_patches
+from blip_serve.batcher import Batcher, CallDropped, CallerGone, MetricsObserver, QueueFull, until_disconnected
 from blip_serve.drain import CaptionsInFlight, Drain, api_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
@@ -87,6 +88,12 @@ class BlipModelService:
 
         worker = bentoml.server_context.worker_index or 1
         self.captioner = BlipCaptioner(model_dir(self.model_files), settings, worker)
+        self.batcher = Batcher(
+            self.captioner.caption_jobs_async,
+            max_batch_size=settings.max_batch_size,
+            max_queued=settings.queued_images_limit(),
+            observer=MetricsObserver(settings.max_batch_size),
+        )
         # On SIGTERM: serve on until the API workers have answered everything they accepted.
         self.drain = Drain(
             settings.drain_s, wait_for=api_workers, longest_s=settings.drain_s + settings.request_timeout_s
@@ -96,9 +103,20 @@ class BlipModelService:
     def drain_on_sigterm(self) -> None:
         self.drain.install()
 
-    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
-    def caption_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
-        return self.captioner.caption_jobs(jobs)
+    @bentoml.api
+    async def caption_batch(
+        self, jobs: list[CaptionJob], timeout_s: float, ctx: bentoml.Context
+    ) -> list[CaptionResult]:
+        """One API request's images, batched with everyone else's by blip-serve's own policy
+        (blip_serve/batcher.py); dropped from the queue if the caller hangs up or `timeout_s` passes."""
+        try:
+            return await until_disconnected(ctx.request, self.batcher.submit(jobs, timeout_s))
+        except QueueFull as exc:
+            raise bentoml.exceptions.ServiceUnavailable(f"the queue is full: {exc}") from None
+        except CallDropped as exc:
+            raise bentoml.exceptions.ServiceUnavailable(f"dropped from the queue: {exc}") from None
+        except CallerGone:
+            return [CaptionResult(error="the caller hung up", status=499)] * len(jobs)  # sent to nobody
 
 
 class CaptionResponse(BaseModel):
@@ -148,6 +166,7 @@ class CaptionAPI:
         self.uploads = UploadReader(settings)
         self.resize = ResizeSpec.from_model_dir(files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
+        self.timeout_s = settings.request_timeout_s  # how long the model's queue keeps a call
         self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
         # Large uploads take turns in a few low-priority threads: N of them at once cost a few
         # decodes' memory, not N, and they yield the cores to the model and to small uploads,
@@ -175,7 +194,7 @@ class CaptionAPI:
         started = time.perf_counter()
         image = await self.prepare(upload.data)
         decoded = time.perf_counter()
-        [result] = await send_jobs(self.model.to_async.caption_batch, [caption_job(image, options)])
+        [result] = await send_jobs(self.model.to_async.caption_batch, [caption_job(image, options)], self.timeout_s)
         log_fields(request).update(
             image=f"{image.width}x{image.height}",
             decode_ms=f"{(decoded - started) * 1000:.1f}",
@@ -196,7 +215,7 @@ class CaptionAPI:
         prepared = await asyncio.gather(*(self.prepare(u.data) for u in uploads), return_exceptions=True)
         decoded = time.perf_counter()
         jobs = [caption_job(image, options) for image in prepared if isinstance(image, PreparedImage)]
-        results = iter(await send_jobs(self.model.to_async.caption_batch, jobs) if jobs else [])
+        results = iter(await send_jobs(self.model.to_async.caption_batch, jobs, self.timeout_s) if jobs else [])
 
         answers = []
         for upload, image in zip(uploads, prepared):
@@ -236,6 +255,7 @@ app.add_middleware(
     path_max_bytes={"/captions": settings.max_request_bytes},
     body_timeout_s=settings.body_timeout_s,
     request_timeout_s=settings.request_timeout_s,
+    max_reading_bytes=settings.max_reading_bytes,
 )
 # Around every path, BentoML's own (/readyz, /metrics ...) too: RequestLog outermost, so it logs the
 # status JsonErrors sends.

@@ -90,8 +90,11 @@ CUT_OFF = "the multipart body ended before its closing boundary: the upload was 
 
 class RequestGuard:
     """What one request may hold: a body of at most `max_bytes` (or `path_max_bytes[path]`; 413,
-    whether or not it declared its length, before the whole body is buffered), all of it within `body_timeout_s` (408), and an
-    answer within `request_timeout_s` (504). Each error is JSON and goes through the request log."""
+    whether or not it declared its length, before the whole body is buffered), all of it within
+    `body_timeout_s` (408), and an answer within `request_timeout_s` (504). The bodies one API worker
+    reads and decodes at once add up to `max_reading_bytes` at most: past it a request gets 503 at
+    once (a busy server is not the client's fault). A client that hangs up cancels its request, and
+    so its call to the model. Each error is JSON and goes through the request log."""
 
     def __init__(
         self,
@@ -99,6 +102,7 @@ class RequestGuard:
         max_bytes: int,
         body_timeout_s: float,
         request_timeout_s: float,
+        max_reading_bytes: int,
         path_max_bytes: dict[str, int] | None = None,
     ):
         self.app = app
@@ -106,6 +110,8 @@ class RequestGuard:
         self.path_max_bytes = path_max_bytes or {}
         self.body_timeout_s = body_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.max_reading_bytes = max_reading_bytes
+        self.reading_bytes = 0  # reserved by the requests in this process now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,19 +121,30 @@ class RequestGuard:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             return await error_response(413, too_large)(scope, receive, send)
+        reserved = int(declared) if declared is not None and declared.isdigit() else max_bytes
+        if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
+            busy = "the server is busy reading other uploads; retry shortly"
+            return await error_response(503, busy, {"Retry-After": "1"})(scope, receive, send)
+        self.reading_bytes += reserved
+        try:
+            await self.guarded(scope, receive, send, max_bytes, too_large)
+        finally:
+            self.reading_bytes -= reserved
 
+    async def guarded(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, too_large: str) -> None:
         received = 0
-        body_done = False
         closing = multipart_closing(scope)  # b"--boundary--" of a multipart body, or None
         tail = b""
         body_deadline = time.monotonic() + self.body_timeout_s
         refusal: JSONResponse | None = None  # set once the body broke a limit
-        started = False
+        started = answered = False
+        hang_up: asyncio.Task | None = None  # reads `receive` once the body is in: a disconnect
 
         async def guarded_receive() -> Message:
-            nonlocal received, refusal, body_done, tail
-            if body_done:  # later reads only wait for a disconnect
-                return await receive()
+            nonlocal received, refusal, tail, hang_up
+            if hang_up is not None:  # later reads only wait for a disconnect
+                await asyncio.shield(hang_up)
+                return {"type": "http.disconnect"}
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
             except TimeoutError:
@@ -145,20 +162,26 @@ class RequestGuard:
                 if received > max_bytes:
                     refusal = error_response(413, too_large)
                     raise BodyRefused()
+                if body_done:
+                    hang_up = asyncio.ensure_future(wait_for_disconnect(receive))
+                    hang_up.add_done_callback(lambda _: None if answered else work.cancel())
             return message
 
         async def guarded_send(message: Message) -> None:
             # Whatever the app answers once the body broke a limit (FastAPI turns the read error
             # into a 400), the client gets the refusal instead.
-            nonlocal started
+            nonlocal started, answered
             if refusal is not None:
                 return
             if message["type"] == "http.response.start":
                 started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
             await send(message)
 
+        work = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
         try:
-            await asyncio.wait_for(self.app(scope, guarded_receive, guarded_send), self.request_timeout_s)
+            await asyncio.wait_for(work, self.request_timeout_s)
         except BodyRefused:
             pass
         except TimeoutError:
@@ -167,8 +190,21 @@ class RequestGuard:
                     scope, receive, send
                 )
             return
+        except asyncio.CancelledError:
+            if hang_up is None or not hang_up.done() or hang_up.cancelled():
+                raise  # cancelled from outside, not by the client's hang-up
+            return  # the client is gone: nothing to answer
+        finally:
+            work.cancel()
+            if hang_up is not None:
+                hang_up.cancel()
         if refusal is not None and not started:
             await refusal(scope, receive, send)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class BodyRefused(Exception):

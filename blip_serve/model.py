@@ -7,6 +7,7 @@ job on its own: a job that fails does not fail the others in its batch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -189,6 +190,10 @@ class BlipCaptioner:
     def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """One result per job, in order. Jobs that share prompt and options share one generate."""
         return self.thread.submit(self.caption_jobs_here, jobs).result()
+
+    async def caption_jobs_async(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
+        """caption_jobs for an event loop: it waits for the model's thread without blocking the loop."""
+        return await asyncio.wrap_future(self.thread.submit(self.caption_jobs_here, jobs))
 
     def caption_jobs_here(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         results: list[CaptionResult | None] = [None] * len(jobs)

@@ -27,19 +27,20 @@ def lost_on_its_connection(exc: BaseException) -> bool:
 
 
 def queue_full(exc: BaseException) -> bool:
-    """BentoML's batch queue cannot serve the call within its latency budget (max_latency_ms)."""
+    """The model service's queue holds BLIP_MAX_QUEUED_IMAGES already (blip_serve/batcher.py)."""
     return isinstance(exc, BentoMLException) and exc.error_code == 503
 
 
 async def send_jobs(
-    call: Callable[[list[CaptionJob]], Awaitable[list[CaptionResult]]], jobs: list[CaptionJob]
+    call: Callable[..., Awaitable[list[CaptionResult]]], jobs: list[CaptionJob], timeout_s: float
 ) -> list[CaptionResult]:
-    """`call(jobs)`, sent once more if it was lost on its connection. Raises Unavailable (503,
-    Retry-After) when the queue is full or the model worker is being replaced; anything else is a
-    server fault and propagates."""
+    """`call(jobs)`, sent once more if it was lost on its connection; the model's queue drops the
+    jobs after `timeout_s`, or when this call is cancelled. Raises Unavailable (503, Retry-After) when
+    the queue is full or the model worker is being replaced; anything else is a server fault and
+    propagates."""
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            return await call(jobs)
+            return await call(jobs=jobs, timeout_s=timeout_s)
         except Exception as exc:
             if queue_full(exc):
                 raise Unavailable("the server is at capacity; retry shortly") from None

@@ -26,8 +26,8 @@ class Settings(BaseSettings):
     compile: bool = False  # greedy decoding through a static KV cache and a compiled step (fast_decode.py)
     api_workers: int = Field(1, ge=1, le=256)  # API service processes (decode + resize)
     model_workers: int = Field(1, ge=1, le=64)  # model processes: one per GPU; on a CPU they split the cores
-    max_batch_size: int = Field(8, ge=1, le=4096)
-    max_latency_ms: int = Field(60_000, ge=1)
+    max_batch_size: int = Field(8, ge=1, le=4096)  # sequences (images x beams) in one generate
+    max_queued_images: int = Field(0, ge=0)  # waiting for the model; 0: 8 x max_batch_size, at least a /captions
 
     # What a request may ask for
     max_new_tokens: int = Field(30, ge=1)
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # one image; a /caption body
     max_files_per_request: int = Field(32, ge=1, le=1024)  # images in one POST /captions
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a /captions body
+    max_reading_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # bodies being read and decoded, per API worker
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_side: int = Field(12_000, ge=1)
     max_aspect_ratio: float = Field(20.0, ge=1.0)
@@ -55,11 +56,20 @@ class Settings(BaseSettings):
     api_key: str = ""  # empty: the caption routes are open
     tracing: bool = False  # BentoML's OpenTelemetry middleware retains spans: off unless asked
 
+    def queued_images_limit(self) -> int:
+        """BLIP_MAX_QUEUED_IMAGES, or its default: a few batches, and never less than one /captions."""
+        return self.max_queued_images or max(8 * self.max_batch_size, self.max_files_per_request)
+
     def model_post_init(self, context) -> None:
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 f"BLIP_MAX_NEW_TOKENS={self.max_new_tokens} is more than "
                 f"BLIP_MAX_NEW_TOKENS_LIMIT={self.max_new_tokens_limit}"
+            )
+        if self.max_queued_images and self.max_queued_images < self.max_files_per_request:
+            raise ValueError(
+                f"BLIP_MAX_QUEUED_IMAGES={self.max_queued_images} is less than "
+                f"BLIP_MAX_FILES_PER_REQUEST={self.max_files_per_request}: a full /captions could never be queued"
             )
 
 

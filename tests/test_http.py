@@ -35,9 +35,16 @@ def echo_app() -> FastAPI:
 
 
 def call(
-    app, path: str, chunks: list[bytes], *, gap_s: float = 0.0, headers: list | None = None
+    app,
+    path: str,
+    chunks: list[bytes],
+    *,
+    gap_s: float = 0.0,
+    headers: list | None = None,
+    hang_up_after_s: float | None = None,
 ) -> tuple[int, dict, dict]:
-    """Send `chunks` as the body (each after `gap_s`), return (status, headers, JSON body)."""
+    """Send `chunks` as the body (each after `gap_s`), return (status, headers, JSON body); with
+    `hang_up_after_s`, the client disconnects that long after its body (then: status None)."""
     scope = {
         "type": "http",
         "method": "POST",
@@ -58,6 +65,9 @@ def call(
 
         async def receive() -> dict:
             if not pending:
+                if hang_up_after_s is not None:
+                    await asyncio.sleep(hang_up_after_s)
+                    return {"type": "http.disconnect"}
                 await asyncio.sleep(3600)  # a client that went silent
             await asyncio.sleep(gap_s)
             body = pending.pop(0)
@@ -69,14 +79,20 @@ def call(
         await app(scope, receive, send)
 
     asyncio.run(run())
+    if not sent:
+        return None, {}, {}
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(body)
 
 
-def guarded(max_bytes=1000, body_timeout_s=5.0, request_timeout_s=10.0):
+def guarded(max_bytes=1000, body_timeout_s=5.0, request_timeout_s=10.0, max_reading_bytes=10_000, app=None):
     return RequestGuard(
-        echo_app(), max_bytes=max_bytes, body_timeout_s=body_timeout_s, request_timeout_s=request_timeout_s
+        app or echo_app(),
+        max_bytes=max_bytes,
+        body_timeout_s=body_timeout_s,
+        request_timeout_s=request_timeout_s,
+        max_reading_bytes=max_reading_bytes,
     )
 
 
@@ -137,3 +153,32 @@ def test_validation_messages_name_the_field_and_the_fix():
         "missing form field 'file': send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg); "
         "'num_beams': Input should be less than or equal to 4"
     )
+
+
+def test_a_client_that_hangs_up_cancels_its_request():
+    cancelled = []
+    app = echo_app()
+
+    @app.post("/wait")
+    async def wait(request: Request) -> dict:
+        await request.body()
+        try:
+            await asyncio.sleep(5)  # as a call to the model would
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return {}
+
+    status, _, _ = call(guarded(app=app), "/wait", [b"x"], hang_up_after_s=0.1)
+    assert (status, cancelled) == (None, [True])
+
+
+def test_a_request_past_the_reading_budget_is_503_at_once_and_the_budget_comes_back():
+    guard = guarded(max_reading_bytes=1500)
+    guard.reading_bytes = 1000  # another request holds 1000 bytes
+    status, headers, body = call(guard, "/echo", [b"a" * 800], headers=[(b"content-length", b"800")])
+    assert (status, headers["retry-after"]) == (503, "1")
+    assert body == {"error": "the server is busy reading other uploads; retry shortly"}
+    guard.reading_bytes = 0
+    assert call(guard, "/echo", [b"a" * 800], headers=[(b"content-length", b"800")])[0] == 200
+    assert guard.reading_bytes == 0  # released when the request ended

@@ -1,0 +1,350 @@
+"""The model service's batching policy: which queued images share the next `generate`, and when it starts.
+
+BentoML's own batcher (`batchable=True`) corks requests on a latency guess built from recent queue
+waits: with concurrent clients it settles into half-full batches, after an overload it holds lone
+requests for tens of seconds, it splits a big request into chunks that jump the queue, and it runs
+jobs whose clients are gone. blip-serve calls the model service through a plain async API and batches
+here instead. The policy, in full:
+
+1. **Admits in images.** At most `max_queued` images wait (the API refuses a request that would go
+   past it with 503 + Retry-After, at once). A call's images are admitted whole or not at all.
+2. **Shares by cost.** Every call (one `/caption`, one `/captions`) is a flow. An image costs
+   `num_beams * max_new_tokens`. Start-time fair queueing: each image gets a tag, its flow's start
+   plus the cost of the flow's images before it; a call starts at the queue's virtual time, which
+   advances by each batch's cost divided by the flows waiting. The image with the smallest tag goes
+   first. A 32-image request takes turns with single ones, and an image asking for 4 beams and 100
+   tokens counts 20 times an ordinary one, so ordinary requests are not held behind heavy ones.
+3. **Fills.** A batch holds images with the same generation options (they share one `generate`), at
+   most `max_batch_size` sequences (images x beams). When the model frees and the batch is not full,
+   it waits for the clients the last batch answered to come back, but never longer than
+   `GATHER_FRACTION` of the last batch's duration; it starts at once when full, or when nobody is
+   expected. A lone request on an idle model starts at once: the only state kept is the last batch.
+4. **Lets go.** A call whose caller has gone (the API request was answered with a timeout, or its
+   client disconnected: the caller cancels the call) or whose deadline has passed is removed before
+   the next batch is formed; its images never reach the model.
+
+`Batcher` is driven by asyncio and knows nothing about BLIP: `run_batch` captions a list of jobs
+(in the model service: on the model's own thread), and tests drive it with a fixed-cost callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from .http import wait_for_disconnect
+
+GATHER_FRACTION = 0.2  # the longest wait for a fuller batch, as a share of the last batch's duration
+
+
+class Job(Protocol):
+    num_beams: int
+    max_new_tokens: int
+
+    def generation_options(self) -> Hashable: ...
+
+
+J = TypeVar("J", bound=Job)
+R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    """The call would take the queue past its bound: refuse it (503) rather than queue it."""
+
+
+class CallDropped(Exception):
+    """The call's deadline passed before the model reached it."""
+
+
+@dataclass(eq=False)
+class Pending(Generic[J]):
+    job: J
+    flow: Flow
+    tag: float  # virtual start time: the queue serves the smallest first
+    order: int  # arrival order, to break ties
+    future: asyncio.Future
+    enqueued: float
+
+    @property
+    def sequences(self) -> int:
+        return max(1, self.job.num_beams)
+
+
+@dataclass(eq=False)
+class Flow:
+    """One call's images: they share its deadline and its fate."""
+
+    deadline: float  # time.monotonic() past which nobody waits for it
+    pending: list = field(default_factory=list)
+
+
+def job_cost(job: Job) -> float:
+    return max(1, job.num_beams) * max(1, job.max_new_tokens)
+
+
+class FairQueue(Generic[J]):
+    """The queue's rules without the clock or the model: admission, fair order, batch forming."""
+
+    def __init__(self, max_batch_size: int, max_queued: int):
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.virtual_time = 0.0  # the start tag of the last image taken
+        self.flow_finish: dict[int, float] = {}
+        self.queued: list[Pending[J]] = []
+        self.counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.queued)
+
+    def add(self, jobs: list[J], flow: Flow, loop: asyncio.AbstractEventLoop, now: float) -> list[Pending[J]]:
+        if len(self.queued) + len(jobs) > self.max_queued:
+            raise QueueFull(f"{len(self.queued)} images queued, at most {self.max_queued}")
+        start = self.virtual_time
+        for job in jobs:
+            finish = start + job_cost(job)
+            flow.pending.append(Pending(job, flow, start, next(self.counter), loop.create_future(), now))
+            start = finish
+        self.queued.extend(flow.pending)
+        return list(flow.pending)
+
+    def remove(self, flow: Flow) -> list[Pending[J]]:
+        """Take a flow's images out of the queue (its caller gave up, or its deadline passed)."""
+        gone = [p for p in self.queued if p.flow is flow]
+        self.queued = [p for p in self.queued if p.flow is not flow]
+        return gone
+
+    def expired(self, now: float) -> list[Flow]:
+        flows = {id(p.flow): p.flow for p in self.queued if p.flow.deadline <= now}
+        return list(flows.values())
+
+    def sequences(self) -> int:
+        return sum(p.sequences for p in self.queued)
+
+    def full(self) -> bool:
+        """Is a full batch queued among the images due now (tag at most the virtual time)? Images of
+        clients that come back join at the virtual time, ahead of any image tagged later."""
+        if not self.queued:
+            return False
+        first = min(self.queued, key=self.sort_key)
+        if first.tag > self.virtual_time:
+            return False
+        options = first.job.generation_options()
+        due = (p for p in self.queued if p.tag <= self.virtual_time and p.job.generation_options() == options)
+        return sum(p.sequences for p in due) >= self.max_batch_size
+
+    @staticmethod
+    def sort_key(pending: Pending) -> tuple[float, int]:
+        return (pending.tag, pending.order)
+
+    def take_batch(self) -> list[Pending[J]]:
+        """The next batch: the fairest image sets the options; then, in fair order, every image with
+        the same options while the batch has room (always at least one image)."""
+        if not self.queued:
+            return []
+        ordered = sorted(self.queued, key=self.sort_key)
+        options = ordered[0].job.generation_options()
+        batch, room = [], self.max_batch_size
+        for pending in ordered:
+            if pending.job.generation_options() != options:
+                continue
+            if batch and pending.sequences > room:
+                break
+            batch.append(pending)
+            room -= pending.sequences
+            if room <= 0:
+                break
+        # The virtual time moves on by the batch's cost shared among the flows waiting for the
+        # model (as a fair share of the model would), and never lags the batch's own tags.
+        active = len({id(p.flow) for p in self.queued})
+        cost = sum(job_cost(p.job) for p in batch)
+        self.virtual_time = max(self.virtual_time + cost / active, min(p.tag for p in batch))
+        taken = set(map(id, batch))
+        self.queued = [p for p in self.queued if id(p) not in taken]
+        for pending in batch:
+            pending.flow.pending.remove(pending)
+        return batch
+
+
+class Batcher(Generic[J, R]):
+    """Runs `run_batch` on batches the FairQueue forms, one batch at a time."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[J]], Awaitable[list[R]]],
+        max_batch_size: int,
+        max_queued: int,
+        observer: BatchObserver | None = None,
+    ):
+        self.run_batch = run_batch
+        self.queue: FairQueue[J] = FairQueue(max_batch_size, max_queued)
+        self.observer = observer or BatchObserver()
+        self.clock = time.monotonic
+        self.arrived = asyncio.Event()
+        self.worker: asyncio.Task | None = None
+        self.last_duration = 0.0  # of the last batch
+        self.last_end = -float("inf")
+        self.expected_back = 0  # images the last batch answered: their clients may send more
+        self.waiting_at_end = 0  # images already queued when the last batch ended
+
+    async def submit(self, jobs: list[J], timeout_s: float) -> list[R]:
+        """Caption `jobs` as one flow; raises QueueFull (nothing queued) or CallDropped (deadline).
+        Cancelling the caller takes its images out of the queue."""
+        if not jobs:
+            return []
+        loop = asyncio.get_running_loop()
+        if self.worker is None or self.worker.done():
+            self.worker = loop.create_task(self.run_forever())
+        flow = Flow(deadline=self.clock() + timeout_s)
+        try:
+            pending = self.queue.add(jobs, flow, loop, self.clock())
+        except QueueFull:
+            self.observer.dropped("refused", len(jobs))
+            raise
+        self.observer.queued(len(self.queue))
+        self.arrived.set()
+        try:
+            return list(await asyncio.gather(*(p.future for p in pending)))
+        except asyncio.CancelledError:
+            self.drop(flow, "cancelled")
+            raise
+
+    def drop(self, flow: Flow, reason: str) -> None:
+        gone = self.queue.remove(flow)
+        for pending in flow.pending:
+            if not pending.future.done():
+                pending.future.set_exception(CallDropped(reason))
+                pending.future.exception()  # retrieved: nobody may be left awaiting it
+        flow.pending.clear()
+        if gone:
+            self.observer.dropped(reason, len(gone))
+            self.observer.queued(len(self.queue))
+
+    async def run_forever(self) -> None:
+        while True:
+            if not len(self.queue):
+                self.arrived.clear()
+                await self.arrived.wait()
+            await self.gather()
+            for flow in self.queue.expired(self.clock()):
+                self.drop(flow, "deadline")
+            batch = self.queue.take_batch()
+            if not batch:
+                continue
+            await self.run(batch)
+
+    async def gather(self) -> None:
+        """Wait while a fuller batch is on its way: the clients the last batch answered come back
+        within a round trip. Never past GATHER_FRACTION of the last batch's duration."""
+        until = self.last_end + GATHER_FRACTION * self.last_duration
+        while not self.queue.full() and len(self.queue) < self.expected_back + self.waiting_at_end:
+            left = until - self.clock()
+            if left <= 0:
+                return
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), left)
+            except TimeoutError:
+                return
+
+    async def run(self, batch: list[Pending[J]]) -> None:
+        started = self.clock()
+        self.observer.batch(len(batch), [started - p.enqueued for p in batch])
+        self.observer.queued(len(self.queue))
+        try:
+            results = await self.run_batch([p.job for p in batch])
+        except Exception as exc:  # the callback answers per job; this is a fault of the whole batch
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        else:
+            for pending, result in zip(batch, results):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+        self.observer.batch_done()
+        self.last_end = self.clock()
+        self.last_duration = self.last_end - started
+        self.expected_back = len(batch)
+        self.waiting_at_end = len(self.queue)
+
+
+class BatchObserver:
+    """What the batcher reports (the model service sends it to /metrics); silent by default."""
+
+    def batch(self, size: int, waits_s: list[float]) -> None:
+        pass
+
+    def batch_done(self) -> None:
+        pass
+
+    def queued(self, images: int) -> None:
+        pass
+
+    def dropped(self, reason: str, images: int) -> None:
+        pass
+
+
+class MetricsObserver(BatchObserver):
+    """The batcher's figures on the service's /metrics (BentoML's Prometheus registry)."""
+
+    def __init__(self, max_batch_size: int):
+        import bentoml
+
+        sizes = sorted({2**k for k in range(max_batch_size.bit_length())} | {max_batch_size})
+        self.sizes = bentoml.metrics.Histogram(
+            name="blip_batch_size", documentation="Images in each batch the model ran", buckets=sizes
+        )
+        self.waits = bentoml.metrics.Histogram(
+            name="blip_queue_wait_seconds",
+            documentation="How long each image waited in the queue before its batch started",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.queue = bentoml.metrics.Gauge(
+            name="blip_images_queued", documentation="Images waiting for the model", multiprocess_mode="livesum"
+        )
+        self.in_batch = bentoml.metrics.Gauge(
+            name="blip_images_in_batch", documentation="Images in the batch running now", multiprocess_mode="livesum"
+        )
+        self.drops = bentoml.metrics.Counter(
+            name="blip_images_dropped",
+            documentation="Queued images dropped before the model reached them (reason: cancelled, deadline, refused)",
+            labelnames=["reason"],
+        )
+
+    def batch(self, size: int, waits_s: list[float]) -> None:
+        self.sizes.observe(size)
+        for wait in waits_s:
+            self.waits.observe(wait)
+        self.in_batch.set(size)
+
+    def batch_done(self) -> None:
+        self.in_batch.set(0)
+
+    def queued(self, images: int) -> None:
+        self.queue.set(images)
+
+    def dropped(self, reason: str, images: int) -> None:
+        self.drops.labels(reason=reason).inc(images)
+
+
+class CallerGone(Exception):
+    """The caller closed its connection before the answer: nobody is waiting for it."""
+
+
+async def until_disconnected(request, call: Awaitable[R]) -> R:
+    """Await `call`, cancelling it if the HTTP client of `request` (a Starlette request whose body
+    was read) disconnects first: then raise CallerGone. The API service's call is cancelled, and so
+    disconnects, when its own request is answered or abandoned."""
+    work = asyncio.ensure_future(call)
+    hang_up = asyncio.ensure_future(wait_for_disconnect(request.receive))  # the body was read: only a disconnect comes
+    try:
+        await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise CallerGone()
+    finally:
+        hang_up.cancel()
+        work.cancel()
