@@ -111,11 +111,11 @@ async def open_loop(
 
 
 def parse_batch_histogram(metrics_text: str) -> dict[str, float]:
-    """The bentoml_service_adaptive_batch_size histogram in a /metrics page: {"le=<bound>":
+    """The blip_batch_size histogram (the model service's batches) in a /metrics page: {"le=<bound>":
     cumulative batches, ..., "sum": images, "count": batches}, summed over label sets."""
     histogram: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
-        if family.name != "bentoml_service_adaptive_batch_size":
+        if family.name != "blip_batch_size":
             continue
         for sample in family.samples:
             kind = sample.name.removeprefix(family.name + "_")

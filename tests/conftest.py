@@ -18,7 +18,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory) -> BentoServer:
     """The real `bentoml serve` with the tiny model, exact precision, shared by most tests."""
-    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_MAX_LATENCY_MS": "60000"}
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32"}
     with BentoServer(env, tmp_path_factory.mktemp("logs") / "bentoml.log") as running:
         yield running
 

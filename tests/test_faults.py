@@ -43,7 +43,8 @@ def slow_server(tiny_model_dir, tmp_path):
         "BLIP_MAX_NEW_TOKENS": "100",
         "BLIP_MIN_NEW_TOKENS": "100",
         "BLIP_MAX_BATCH_SIZE": "4",
-        "BLIP_MAX_LATENCY_MS": "3000",
+        "BLIP_MAX_FILES_PER_REQUEST": "16",
+        "BLIP_MAX_QUEUED_IMAGES": "16",
     }
     with BentoServer(env, tmp_path / "bentoml.log") as running:
         yield running

@@ -21,10 +21,11 @@ def guarded_server(tiny_model_dir, tmp_path_factory):
     env = {
         "BLIP_MODEL": tiny_model_dir,
         "BLIP_API_KEY": KEY,
-        # Slow the model (always 100 tokens) and give the queue a small budget, so it overflows.
+        # Slow the model (always 100 tokens) and give the queue a small bound, so it overflows.
         "BLIP_MAX_NEW_TOKENS": "100",
         "BLIP_MIN_NEW_TOKENS": "100",
-        "BLIP_MAX_LATENCY_MS": "300",
+        "BLIP_MAX_FILES_PER_REQUEST": "4",
+        "BLIP_MAX_QUEUED_IMAGES": "4",
         "BLIP_MAX_BATCH_SIZE": "2",
     }
     with BentoServer(env, tmp_path_factory.mktemp("guarded") / "bentoml.log") as running:

@@ -42,7 +42,7 @@ def test_caption_through_nginx(nginx, reference):
 
 def test_health_and_metrics_through_nginx(nginx):
     assert httpx.get(f"{nginx.url}/readyz").status_code == 200
-    assert "bentoml_service_adaptive_batch_size" in httpx.get(f"{nginx.url}/metrics").text
+    assert "blip_batch_size" in httpx.get(f"{nginx.url}/metrics").text
 
 
 def test_bento_errors_pass_through_as_json(nginx):

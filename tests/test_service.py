@@ -79,7 +79,7 @@ def test_concurrent_requests_are_batched_and_all_correct(server, reference):
 def test_readyz_and_livez(server):
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     assert httpx.get(f"{server.url}/livez").status_code == 200
-    assert "bentoml_service_adaptive_batch_size" in httpx.get(f"{server.url}/metrics").text
+    assert "blip_batch_size" in httpx.get(f"{server.url}/metrics").text
 
 
 def test_one_log_line_per_request(server):

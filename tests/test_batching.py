@@ -1,0 +1,128 @@
+"""The batching policy against the real `bentoml serve`: a client that hangs up never reaches the
+model, a burst leaves nothing behind, and overload is answered 503 + Retry-After at once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+
+import aiohttp
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from load_test.servers import BentoServer
+from support.clients import batch_histogram, post_concurrently
+from support.images import encode, scene
+
+pytestmark = pytest.mark.slow
+IMAGE = encode(scene(3), "PNG")
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_model_dir, tmp_path_factory):
+    """One image a batch, 100 tokens each: a queue forms behind a few requests."""
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_PRECISION": "fp32",
+        "BLIP_MAX_BATCH_SIZE": "1",
+        "BLIP_MAX_NEW_TOKENS": "100",
+        "BLIP_MIN_NEW_TOKENS": "100",
+        "BLIP_MAX_READING_BYTES": str(2 * 1024 * 1024),
+    }
+    with BentoServer(env, tmp_path_factory.mktemp("batching") / "bentoml.log") as running:
+        yield running
+
+
+def dropped(server, reason: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        if family.name == "blip_images_dropped":
+            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["reason"] == reason)
+    return 0.0
+
+
+def upload(image: bytes, path: str = "/caption") -> bytes:
+    body = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        + image
+        + b"\r\n--b0undary--\r\n"
+    )
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
+    ).encode() + body
+
+
+def test_a_client_that_hangs_up_never_reaches_the_model(slow_server):
+    before_batches = batch_histogram(slow_server).get("count", 0)
+    before_dropped = dropped(slow_server, "cancelled")
+
+    async def scenario() -> list[int]:
+        async with aiohttp.ClientSession() as session:
+
+            async def caption() -> int:
+                form = aiohttp.FormData()
+                form.add_field("file", IMAGE, filename="a.png")
+                async with session.post(f"{slow_server.url}/caption", data=form) as response:
+                    return response.status
+
+            blockers = [asyncio.create_task(caption()) for _ in range(10)]
+            await asyncio.sleep(0.1)  # ten queued or running, ~0.15 s each
+            host, port = slow_server.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as quitter:
+                quitter.sendall(upload(IMAGE))
+                await asyncio.sleep(0.2)  # decoded and queued behind the ten, then gone
+            return await asyncio.gather(*blockers)
+
+    assert asyncio.run(scenario()) == [200] * 10
+    deadline = time.monotonic() + 10
+    while dropped(slow_server, "cancelled") == before_dropped and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dropped(slow_server, "cancelled") - before_dropped == 1
+    assert batch_histogram(slow_server)["count"] - before_batches == 10  # the quitter's image never ran
+    log = slow_server.log_text()
+    assert "status=none(disconnected)" in log
+
+
+def test_overload_is_503_with_retry_after_at_once_never_408(slow_server):
+    """Ten 1 MB uploads at once against a 2 MB reading budget: the server refuses what it cannot
+    read now instead of reading everything slowly and blaming the clients."""
+    big = encode(scene(11, (700, 700)), "BMP")  # ~1.4 MB
+    answers = post_concurrently(f"{slow_server.url}/caption", [big] * 10)
+    statuses = Counter(a.status for a in answers)
+    assert set(statuses) <= {200, 503} and statuses[503] >= 1, statuses
+    for answer in answers:
+        if answer.status == 503:
+            assert answer.retry_after is not None
+            assert answer.body["error"].endswith("retry shortly")
+
+
+def test_a_lone_request_after_a_burst_is_as_fast_as_before(server):
+    """A burst that overflows the queue (BentoML's batcher then held lone requests ~40 s for hours)."""
+
+    def lone_caption_s() -> float:
+        started = time.perf_counter()
+        response = httpx.post(f"{server.url}/caption", files={"file": ("a.png", IMAGE)}, timeout=60)
+        assert response.status_code == 200
+        return time.perf_counter() - started
+
+    before = min(lone_caption_s() for _ in range(3))
+
+    async def burst() -> Counter:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+            async def captions() -> int:
+                form = aiohttp.FormData()
+                for k in range(32):
+                    form.add_field("file", IMAGE, filename=f"{k}.png")
+                async with session.post(f"{server.url}/captions", data=form) as response:
+                    return response.status
+
+            return Counter(await asyncio.gather(*(captions() for _ in range(40))))
+
+    statuses = asyncio.run(burst())
+    assert set(statuses) <= {200, 503} and statuses[503] >= 1, statuses
+    after = min(lone_caption_s() for _ in range(3))
+    assert after < 2.0 and after <= max(5 * before, 0.5), (before, after)
