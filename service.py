@@ -6,7 +6,7 @@ The request path, top to bottom:
       -> uploads.read_one: the image bytes and options, or a 4xx  blip_serve/uploads.py
       -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/text_limits.py
       -> prepare_image: bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/images.py
-      -> BlipModelService.caption_batch: adaptive batch, one generate  blip_serve/model.py
+      -> BlipModelService.caption_batch: queued, batched with others  blip_serve/batcher.py, model.py
       -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/http.py
 
     POST /captions (up to 32 "file" parts) takes the same path, all images in one model call, and

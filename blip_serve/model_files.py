@@ -5,6 +5,7 @@ Imports only BentoML (no torch), so `import_model` and `bentoml build` stay ligh
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import attrs
@@ -17,8 +18,23 @@ STORE_MODEL = "blip-captioning"  # the name `python -m blip_serve.import_model` 
 HUB_EXCLUDE = ["tf_model.h5", "*.msgpack", "*.onnx"]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
 class HubUnreachable(SystemExit):
     """The model was to come from the hub, and the hub did not give it: one line, no traceback."""
+
+
+class NoSuchModelDirectory(SystemExit):
+    """BLIP_MODEL names a local path that is not there: one line, no traceback."""
+
+
+def looks_like_a_path(value: str) -> bool:
+    """A BLIP_MODEL that cannot be a hub id, or that names a folder here on its way: a path."""
+    if value.startswith((".", "/", "~")) or not HUB_ID.fullmatch(value):
+        return True
+    first = value.split("/")[0]
+    return "/" in value and Path(first).exists()
 
 
 @attrs.define(unsafe_hash=True)
@@ -31,8 +47,9 @@ class HubModel(HuggingFaceModel):
             return super().resolve(base_path)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            local = "" if self.model_id == DEFAULT_MODEL else f" It is no local directory either ({Path(self.model_id).absolute()} does not exist)."
             raise HubUnreachable(
-                f"could not download {self.model_id} from the Hugging Face hub ({reason}). "
+                f"could not download {self.model_id} from the Hugging Face hub ({reason}).{local} "
                 "Set BLIP_MODEL to a local BLIP directory, or import one into the model store with "
                 "`python -m blip_serve.import_model DIR`; to try the server without weights, "
                 "`python -m blip_serve.tiny_model models/tiny` and BLIP_MODEL=models/tiny."
@@ -47,8 +64,12 @@ def model_source(setting: str):
     - BLIP_MODEL unset: the model store's `blip-captioning` (a BentoModel, which `bentoml build`
       packs into the bento) when there is one, else the hub's Salesforce/blip-image-captioning-base.
     """
-    if setting and Path(setting).is_dir():
-        return setting
+    if setting and Path(setting).expanduser().is_dir():
+        return str(Path(setting).expanduser())
+    if setting and looks_like_a_path(setting):
+        where = Path(setting).expanduser().absolute()
+        what = "is not a directory" if where.exists() else "does not exist"
+        raise NoSuchModelDirectory(f"BLIP_MODEL={setting!r}: no such model directory ({where} {what})")
     if setting:
         return HubModel(setting, exclude=HUB_EXCLUDE)
     try:

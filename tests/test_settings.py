@@ -79,3 +79,22 @@ def test_each_model_worker_gets_its_own_gpu_or_a_share_of_the_cores(monkeypatch)
 def test_auto_precision_is_fp16_on_cuda():
     assert pick_precision("auto", "cuda:1") == "fp16"
     assert pick_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize(
+    "value, is_path",
+    [
+        ("Salesforce/blip-image-captioning-base", False),
+        ("blip", False),
+        ("./models/tiny", True),
+        ("/srv/blip", True),
+        ("~/blip", True),
+        ("models/blip/base", True),  # hub ids have one slash at most
+        ("my model", True),
+        ("tests/whatever", True),  # tests/ exists here: a path on its way
+    ],
+)
+def test_a_model_setting_that_looks_like_a_path(value, is_path):
+    from blip_serve.model_files import looks_like_a_path
+
+    assert looks_like_a_path(value) == is_path

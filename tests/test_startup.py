@@ -53,3 +53,20 @@ def test_no_hub_and_no_model_says_what_to_do(tmp_path):
     assert "Set BLIP_MODEL to a local BLIP directory" in lines[0]
     assert "python -m blip_serve.tiny_model models/tiny" in lines[0]
     assert "Traceback" not in output and elapsed < 60
+
+
+def test_a_mistyped_model_path_is_no_such_directory(tmp_path):
+    code, output, elapsed = serve({"BLIP_MODEL": "./modles/tiny"}, tmp_path)
+    lines = [line for line in output.strip().splitlines() if "torchvision" not in line]
+    assert code != 0 and len(lines) == 1, output
+    assert lines[0].startswith("BLIP_MODEL='./modles/tiny': no such model directory (")
+    assert lines[0].endswith("/modles/tiny does not exist)") and elapsed < 60
+
+
+def test_a_name_that_could_be_either_says_both(tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, output, _ = serve({"HF_ENDPOINT": closed, "BLIP_MODEL": "modles/tiny"}, tmp_path)
+    lines = [line for line in output.strip().splitlines() if "torchvision" not in line]
+    assert code != 0 and len(lines) == 1, output
+    assert lines[0].startswith("could not download modles/tiny from the Hugging Face hub")
+    assert "It is no local directory either (" in lines[0] and "/modles/tiny does not exist)" in lines[0]
