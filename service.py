@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,7 @@ class CaptionAPI:
         self.resize = ResizeSpec.from_model_dir(files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
         self.timeout_s = settings.request_timeout_s  # how long the model's queue keeps a call
+        self.model_loaded = False
         self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
         # Large uploads take turns in a few low-priority threads: N of them at once cost a few
         # decodes' memory, not N, and they yield the cores to the model and to small uploads,
@@ -184,7 +186,14 @@ class CaptionAPI:
         self.drain.install()
 
     async def __is_ready__(self) -> bool:  # BentoML's /readyz (async: no thread per probe)
-        return not self.drain.draining
+        """Ready when not draining and the model service has answered its /readyz once. Asked first
+        (within a second), because BentoML's own check of the model service waits for it to come up
+        (up to the traffic timeout) and then answers 500: a startup probe would hang ~2 minutes."""
+        if self.drain.draining:
+            return False
+        if not self.model_loaded:
+            self.model_loaded = await model_service_ready(timeout_s=1.0)
+        return self.model_loaded
 
     @app.post("/caption", response_model=CaptionResponse, openapi_extra=caption_bodies(settings))
     async def post_caption(self, request: Request) -> CaptionResponse:
@@ -262,6 +271,25 @@ app.add_middleware(
 CaptionAPI.add_asgi_middleware(CaptionsInFlight)  # what a drain waits for
 CaptionAPI.add_asgi_middleware(RequestLog)
 CaptionAPI.add_asgi_middleware(JsonErrors)
+
+
+async def model_service_ready(timeout_s: float) -> bool:
+    """Does BlipModelService answer its /readyz with 200 within `timeout_s`? Its address is in the
+    runner map BentoML gives each worker: a Unix socket (file://...) or an http:// URL."""
+    import httpx
+
+    address = json.loads(os.environ.get("BENTOML_RUNNER_MAP", "{}")).get("BlipModelService")
+    if not address:
+        return True  # no map (a test calling the app in-process): BentoML's own check decides
+    if address.startswith("file://"):
+        transport, url = httpx.AsyncHTTPTransport(uds=address.removeprefix("file://")), "http://model/readyz"
+    else:
+        transport, url = None, address.rstrip("/") + "/readyz"
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as client:
+            return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def check_api_key(request: Request) -> None:

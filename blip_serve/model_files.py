@@ -47,7 +47,11 @@ class HubModel(HuggingFaceModel):
             return super().resolve(base_path)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            local = "" if self.model_id == DEFAULT_MODEL else f" It is no local directory either ({Path(self.model_id).absolute()} does not exist)."
+            local = (
+                ""
+                if self.model_id == DEFAULT_MODEL
+                else f" It is no local directory either ({Path(self.model_id).absolute()} does not exist)."
+            )
             raise HubUnreachable(
                 f"could not download {self.model_id} from the Hugging Face hub ({reason}).{local} "
                 "Set BLIP_MODEL to a local BLIP directory, or import one into the model store with "

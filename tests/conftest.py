@@ -10,6 +10,17 @@ from blip_serve.tiny_model import make_blip
 from load_test.servers import BentoServer
 
 
+def pytest_collection_modifyitems(config, items):
+    """Container tests build OCI images (minutes, buildah and podman): they run only when `-m` names
+    them (`pytest -m container`), so `pytest -m "not slow"` stays quick."""
+    if "container" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if "container" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if "container" not in item.keywords]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return str(make_blip(tmp_path_factory.mktemp("tiny-blip")))

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from blip_serve.client import AsyncBlipClient, BlipClient, BlipError
+from blip_serve.client import AsyncBlipClient, BlipClient, BlipError, ResultFile, Stop, plan_sidecars
 from load_test.servers import REPO, BentoServer, free_port
 from support.images import encode, scene
 
@@ -160,9 +160,10 @@ def test_cli_writes_csv_and_resumes_only_what_failed(server, reference, tmp_path
         timeout=120,
     )
     assert "skipped (not an image): " in again.stderr and "notes.md" in again.stderr
-    assert "2 failed (415); 8 already done, 2 skipped (not images)" in again.stderr
+    assert "nothing to do; 10 already done, 2 skipped (not images)" in again.stderr  # a 415 stays a 415
+    assert again.returncode == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 12  # 10, then the 2 failures tried once more
+    assert len(rows) == 10  # one row per image: the refused ones are not appended again
     captioned = {row["path"]: row["caption"] for row in rows if row["caption"]}
     assert sorted(captioned) == sorted(str(p) for p in images[2:])
     assert all(caption == reference.caption(Path(path).read_bytes()) for path, caption in captioned.items())
@@ -186,8 +187,12 @@ def test_an_interrupted_run_resumes_without_duplicates(slow_server, tmp_path, st
     while (not out.exists() or len(out.read_text().splitlines()) < 6) and time.monotonic() < deadline:
         time.sleep(0.1)
     os.kill(run.pid, stop)
-    run.communicate(timeout=60)
+    _, said = run.communicate(timeout=60)
     first = out.read_text()
+    if stop == signal.SIGINT:  # Ctrl-C: one line that says how to go on, no traceback
+        assert run.returncode == 130 and "Traceback" not in said, said
+        [line] = [line for line in said.splitlines() if line.strip()]
+        assert line.startswith("interrupted after ") and line.endswith(" --resume"), line
     assert 6 <= first.count("\n") < 40, "the run was stopped midway"
 
     resumed = blip_caption(slow_server.url, *args, "--resume")
@@ -216,3 +221,124 @@ def test_a_run_survives_a_server_restart(tiny_model_dir, tmp_path):
         _, summary = run.communicate(timeout=300)
     assert run.returncode == 0, summary
     assert sorted(r["path"] for r in records(out)) == sorted(str(p) for p in images)
+
+
+def test_the_sync_client_works_inside_a_running_event_loop():
+    """As in a Jupyter cell, where asyncio.run() would fail."""
+    transport, _ = scripted((200, {}, {"caption": "a cat"}))
+
+    async def cell() -> str:
+        return BlipClient("http://blip", transport=transport).caption(b"image bytes")
+
+    assert asyncio.run(cell()) == "a cat"
+
+
+def test_resume_keeps_captions_and_refusals_and_retries_the_rest(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    lines = [
+        {"path": "a.jpg", "caption": "a dog"},
+        {"path": "empty.jpg", "caption": ""},  # the model may stop at once: a real answer
+        {"path": "notes.jpg", "error": "not an image", "status": 415},
+        {"path": "busy.jpg", "error": "at capacity", "status": 503},
+        {"path": "slow.jpg", "error": "too slow", "status": 408},
+    ]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"path": "torn.jpg", "capt')
+    assert ResultFile(out).already_done() == {"a.jpg", "empty.jpg", "notes.jpg"}
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == ["a.jpg", "empty.jpg", "notes.jpg"]
+
+
+def test_sidecar_plan_refuses_clashes_and_files_it_did_not_write(tmp_path):
+    for name in ("dup.jpg", "dup.png", "keep.jpg", "new.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "keep.txt").write_text("written by hand")
+    images = sorted(tmp_path.glob("*.*g"))
+    with pytest.raises(Stop, match=r"1 sidecar name\(s\) would be written twice .*dup.jpg and .*dup.png"):
+        plan_sidecars(images, resume=False, overwrite=False)
+    images = [p for p in images if p.name != "dup.png"]
+    with pytest.raises(Stop, match=r"1 sidecar file\(s\) exist already, e.g. .*keep.txt: --resume skips"):
+        plan_sidecars(images, resume=False, overwrite=False)
+    todo, kept = plan_sidecars(images, resume=True, overwrite=False)
+    assert [p.name for p in todo] == ["dup.jpg", "new.jpg"] and [p.name for p in kept] == ["keep.jpg"]
+    assert plan_sidecars(images, resume=False, overwrite=True) == (images, [])
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "blip_serve.client", *args, "--url", url]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_a_closed_port_fails_at_once_and_says_why(tmp_path):
+    make_folder(tmp_path / "photos", count=3, bad=0)
+    started = time.monotonic()
+    result = run_cli(f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), "--out", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    assert "blip-caption: cannot reach http://127.0.0.1:" in result.stderr and "connection refused" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
+
+
+@pytest.fixture
+def fake_server():
+    """Not a blip-serve: /readyz says 200, /captions answers what `fake_server.status` says."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.answer(200 if self.path == "/readyz" and server.ready else 404)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.answer(server.status)
+
+        def answer(self, status):
+            body = json.dumps({"error": "missing or wrong API key"}).encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.status, server.ready = 401, True
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def test_a_missing_api_key_stops_the_run_with_one_line(fake_server, tmp_path):
+    make_folder(tmp_path / "photos", count=20, bad=0)
+    result = run_cli(fake_server.url, str(tmp_path / "photos"), "--out", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2, result.stderr
+    assert "blip-caption: the server wants an API key: --api-key KEY or BLIP_API_KEY" in result.stderr
+    assert (tmp_path / "o.jsonl").read_text() == ""  # no image is blamed for the missing key
+
+
+def test_a_url_that_is_not_blip_serve_says_so(fake_server, tmp_path):
+    fake_server.ready = False
+    make_folder(tmp_path / "photos", count=3, bad=0)
+    result = run_cli(fake_server.url, str(tmp_path / "photos"))
+    assert result.returncode == 2
+    assert "does not look like a blip-serve server: GET /readyz answered 404" in result.stderr
+
+
+@slow
+def test_sidecars_never_overwrite_and_clashes_stop_before_any_request(server, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = encode(scene(7), "PNG")
+    for name in ("dup.jpg", "dup.png", "keep.jpg", "new.jpg"):
+        (folder / name).write_bytes(image)
+    (folder / "keep.txt").write_text("written by hand\n")
+    clash = run_cli(server.url, str(folder), "--sidecar")
+    assert clash.returncode == 2 and "would be written twice" in clash.stderr
+    assert sorted(p.name for p in folder.glob("*.txt")) == ["keep.txt"]
+    (folder / "dup.png").unlink()
+    refused = run_cli(server.url, str(folder), "--sidecar")
+    assert refused.returncode == 2 and "exist already" in refused.stderr
+    resumed = run_cli(server.url, str(folder), "--sidecar", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (folder / "keep.txt").read_text() == "written by hand\n"
+    assert (folder / "new.txt").read_text() and (folder / "dup.txt").read_text()

@@ -5,6 +5,7 @@ deploys: probe paths answer on the real server, ConfigMap keys are real settings
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -54,7 +55,11 @@ def test_a_misspelt_field_fails_strict_validation(rendered):
 
 def validate_scaled_objects(documents: list[dict]) -> subprocess.CompletedProcess:
     node = shutil.which("node")
-    assert node and (KEDA / "node_modules").is_dir(), "run: npm ci --prefix tests/support/keda (.ci/run does)"
+    if not (node and (KEDA / "node_modules").is_dir()):
+        message = "KEDA's schema needs node and `npm ci --prefix tests/support/keda` (.ci/run does both)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     lines = "".join(json.dumps(d) + "\n" for d in documents)
     return subprocess.run([node, str(KEDA / "validate.mjs")], input=lines, capture_output=True, text=True)
 

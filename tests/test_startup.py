@@ -7,9 +7,10 @@ import os
 import subprocess
 import time
 
+import httpx
 import pytest
 
-from load_test.servers import BENTOML, REPO, free_port
+from load_test.servers import BENTOML, REPO, BentoServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +71,35 @@ def test_a_name_that_could_be_either_says_both(tmp_path):
     assert code != 0 and len(lines) == 1, output
     assert lines[0].startswith("could not download modles/tiny from the Hugging Face hub")
     assert "It is no local directory either (" in lines[0] and "/modles/tiny does not exist)" in lines[0]
+
+
+def test_readyz_answers_at_once_while_the_model_loads(tiny_model_dir, tmp_path):
+    """A startup probe polling every 0.2 s from the process's start, with a 1 s timeout: every
+    answer within the second, 503 (or no connection yet) until the model is loaded, then 200."""
+    server = BentoServer({"BLIP_MODEL": tiny_model_dir}, tmp_path / "bentoml.log")
+    server.log = open(server.log_path, "wb")  # noqa: SIM115  (closed by stop)
+    server.process = subprocess.Popen(
+        server.command, cwd=REPO, env=server.env, stdout=server.log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    seen, slowest = [], 0.0
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and 200 not in seen:
+            started = time.monotonic()
+            try:
+                status = httpx.get(f"{server.url}/readyz", timeout=1.0).status_code
+            except httpx.ConnectError:
+                status = None  # not listening yet
+            except httpx.TimeoutException:
+                status = "timeout"
+            slowest = max(slowest, time.monotonic() - started)
+            seen.append(status)
+            time.sleep(0.2)
+        livez = httpx.get(f"{server.url}/livez", timeout=1.0).status_code
+    finally:
+        server.stop()
+    answered = [status for status in seen if status is not None]
+    assert "timeout" not in seen and 500 not in seen, seen
+    assert set(answered) <= {200, 503} and answered[-1] == 200, seen
+    assert 503 in answered  # it answered while loading, and said not yet
+    assert slowest < 1.0 and livez == 200
