@@ -27,10 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
-from blip_serve import server_patches
+from blip_serve import __version__, home_lock, server_patches
 from blip_serve.batcher import Batcher, CallDropped, CallerGone, MetricsObserver, QueueFull, until_disconnected
+from blip_serve.docs import DESCRIPTION, openapi_document
+from blip_serve.docs import PAGE as DOCS_PAGE
 from blip_serve.drain import CaptionsInFlight, Drain, api_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
@@ -46,12 +49,14 @@ from blip_serve.images import (
 )
 from blip_serve.jobs import CaptionJob, CaptionResult
 from blip_serve.model_client import send_jobs
-from blip_serve.model_files import model_dir, model_source
+from blip_serve.model_files import describe_source, model_dir, model_source
 from blip_serve.settings import load_settings
 from blip_serve.text_limits import TextLimits
 from blip_serve.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
 
 settings = load_settings()  # a bad BLIP_* value stops the server here, with one line
+if home_lock.is_serve_supervisor():  # a second server under this BENTOML_HOME would wipe our /metrics
+    home_lock.take()
 
 # BLIP's files: a local directory, a hub model (downloaded when the server starts), or the model
 # imported into BentoML's model store, which `bentoml build` packs into the bento.
@@ -105,6 +110,10 @@ class BlipModelService:
         self.drain.install()
 
     @bentoml.api
+    async def model_info(self) -> dict:
+        return self.captioner.describe()
+
+    @bentoml.api
     async def caption_batch(
         self, jobs: list[CaptionJob], timeout_s: float, ctx: bentoml.Context
     ) -> list[CaptionResult]:
@@ -139,9 +148,35 @@ class ErrorResponse(BaseModel):
     error: str
 
 
+class ServerInfo(BaseModel):
+    """What is behind the URL."""
+
+    name: str = "blip-serve"
+    version: str = __version__
+    model: str  # the model directory, hub id or stored model served
+    random_weights: bool  # true for blip_serve.tiny_model's models: gibberish captions
+    device: str
+    precision: str
+    attention: str
+    compiled: bool
+    torch_threads: int
+    max_batch_size: int
+    max_queued_images: int
+    max_new_tokens: int
+    max_new_tokens_limit: int
+    max_beams: int
+    max_files_per_request: int
+    api_workers: int
+    model_workers: int
+
+
 app = FastAPI(
     title="blip-serve",
-    description='Image captioning with BLIP. Every error is a JSON object {"error": "..."}.',
+    version=__version__,
+    description=DESCRIPTION,
+    docs_url=None,  # / and /docs.json below: FastAPI's pages load Swagger UI from a CDN
+    redoc_url=None,
+    openapi_url=None,
     responses={status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 500, 503, 504)},
 )
 install_error_handlers(app)
@@ -194,6 +229,30 @@ class CaptionAPI:
         if not self.model_loaded:
             self.model_loaded = await model_service_ready(timeout_s=1.0)
         return self.model_loaded
+
+    @app.get("/", include_in_schema=False)
+    async def docs_page(self) -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE)
+
+    @app.get("/docs.json", include_in_schema=False)
+    async def docs_json(self) -> JSONResponse:
+        return JSONResponse(openapi_document(app))
+
+    @app.get("/info", response_model=ServerInfo)
+    async def info(self) -> ServerInfo:
+        """Which model and how it runs: device, precision, batching, limits, version."""
+        return ServerInfo(
+            model=describe_source(self.model_files),
+            **(await self.model.to_async.model_info()),
+            max_batch_size=settings.max_batch_size,
+            max_queued_images=settings.queued_images_limit(),
+            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens_limit=self.text_limits.max_new_tokens_limit,
+            max_beams=settings.max_beams,
+            max_files_per_request=settings.max_files_per_request,
+            api_workers=settings.api_workers,
+            model_workers=settings.model_workers,
+        )
 
     @app.post("/caption", response_model=CaptionResponse, openapi_extra=caption_bodies(settings))
     async def post_caption(self, request: Request) -> CaptionResponse:

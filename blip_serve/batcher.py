@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from typing import Generic, Protocol, TypeVar
 
 from .http import wait_for_disconnect
 
+logger = logging.getLogger("bentoml.blip_serve")
 GATHER_FRACTION = 0.2  # the longest wait for a fuller batch, as a share of the last batch's duration
 
 
@@ -225,15 +227,21 @@ class Batcher(Generic[J, R]):
 
     async def run_forever(self) -> None:
         while True:
-            if not len(self.queue):
-                self.arrived.clear()
-                await self.arrived.wait()
-            await self.gather()
-            for flow in self.queue.expired(self.clock()):
-                self.drop(flow, "deadline")
-            batch = self.queue.take_batch()
-            if not batch:
-                continue
+            try:
+                await self.next_batch()
+            except Exception:  # a bug here must not strand every queued caller
+                logger.exception("the batcher failed forming a batch; carrying on")
+                await asyncio.sleep(0.1)
+
+    async def next_batch(self) -> None:
+        if not len(self.queue):
+            self.arrived.clear()
+            await self.arrived.wait()
+        await self.gather()
+        for flow in self.queue.expired(self.clock()):
+            self.drop(flow, "deadline")
+        batch = self.queue.take_batch()
+        if batch:
             await self.run(batch)
 
     async def gather(self) -> None:
@@ -264,8 +272,8 @@ class Batcher(Generic[J, R]):
             for pending, result in zip(batch, results):
                 if not pending.future.done():
                     pending.future.set_result(result)
-        self.observer.batch_done()
         self.last_end = self.clock()
+        self.observer.batch_done(self.last_end - started)
         self.last_duration = self.last_end - started
         self.expected_back = len(batch)
         self.waiting_at_end = len(self.queue)
@@ -277,7 +285,7 @@ class BatchObserver:
     def batch(self, size: int, waits_s: list[float]) -> None:
         pass
 
-    def batch_done(self) -> None:
+    def batch_done(self, duration_s: float) -> None:
         pass
 
     def queued(self, images: int) -> None:
@@ -308,6 +316,10 @@ class MetricsObserver(BatchObserver):
         self.in_batch = bentoml.metrics.Gauge(
             name="blip_images_in_batch", documentation="Images in the batch running now", multiprocess_mode="livesum"
         )
+        self.busy = bentoml.metrics.Counter(
+            name="blip_model_busy_seconds",
+            documentation="Time the model spent running batches: its rate over wall time is how busy the model is",
+        )
         self.drops = bentoml.metrics.Counter(
             name="blip_images_dropped",
             documentation="Queued images dropped before the model reached them (reason: cancelled, deadline, refused)",
@@ -320,8 +332,9 @@ class MetricsObserver(BatchObserver):
             self.waits.observe(wait)
         self.in_batch.set(size)
 
-    def batch_done(self) -> None:
+    def batch_done(self, duration_s: float) -> None:
         self.in_batch.set(0)
+        self.busy.inc(duration_s)
 
     def queued(self, images: int) -> None:
         self.queue.set(images)

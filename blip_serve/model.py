@@ -13,6 +13,7 @@ import os
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +21,12 @@ import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.modeling_blip import BlipAttention
 
+from . import __version__
 from .fast_decode import StaticCacheDecoder, unsupported_settings
 from .images import image_processor_config
 from .jobs import CaptionJob, CaptionResult, group_jobs
 from .settings import Settings
+from .tiny_model import RANDOM_WEIGHTS
 
 logger = logging.getLogger("bentoml.blip_serve")
 
@@ -160,16 +163,33 @@ class BlipCaptioner:
         # graphs on most calls (measured on an H200: 3.6-5 s a batch instead of ~0.1 s).
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip-model")
         self.fast_decoder = self.thread.submit(self.compiled_decoder).result() if settings.compile else None
+        self.attention = settings.attention
+        self.random_weights = (Path(model_dir) / RANDOM_WEIGHTS).exists()
         logger.info(
-            "BLIP loaded from %s on %s, precision %s, attention %s, torch threads %d, model worker %d, compiled %s",
+            "blip-serve %s: BLIP loaded from %s%s on %s, precision %s, attention %s, torch threads %d, "
+            "model worker %d, compiled %s, batches up to %d",
+            __version__,
             model_dir,
+            " (RANDOM WEIGHTS: gibberish captions)" if self.random_weights else "",
             self.device,
             self.precision,
             settings.attention,
             self.threads,
             worker,
             self.fast_decoder is not None,
+            settings.max_batch_size,
         )
+
+    def describe(self) -> dict:
+        """What runs here, for GET /info."""
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "attention": self.attention,
+            "compiled": self.fast_decoder is not None,
+            "torch_threads": self.threads,
+            "random_weights": self.random_weights,
+        }
 
     def compiled_decoder(self) -> StaticCacheDecoder | None:
         """BLIP_COMPILE's decoder, compiled now (before /readyz turns 200) for one image and for a batch:

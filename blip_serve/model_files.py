@@ -85,3 +85,12 @@ def model_source(setting: str):
 def model_dir(resolved) -> str:
     """The directory behind a resolved model attribute: a path string, or a stored BentoML model."""
     return str(getattr(resolved, "path", resolved))
+
+
+def describe_source(resolved) -> str:
+    """The served model in words: a directory, a hub id, or the model store's tag."""
+    if isinstance(resolved, str):
+        return resolved
+    if isinstance(resolved, HubModel):
+        return f"{resolved.model_id} (Hugging Face hub)"
+    return f"{getattr(resolved, 'tag', resolved)} (BentoML model store)"

@@ -93,6 +93,9 @@ def tiny_vocab() -> dict[str, int]:
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}
 
 
+RANDOM_WEIGHTS = "RANDOM_WEIGHTS"  # a file the server reports in /info and its start-up line
+
+
 def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0) -> Path:
     """Save a random BLIP and its processor to `out_dir` and return the path."""
     import torch
@@ -159,6 +162,7 @@ def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    (out_dir / RANDOM_WEIGHTS).write_text("random weights from blip_serve.tiny_model: the captions are gibberish\n")
     logger.info("wrote a %s random BLIP to %s", "full-size" if full else "tiny", out_dir)
     return out_dir
 

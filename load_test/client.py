@@ -39,6 +39,7 @@ class StepReport:
     errors: dict[str, int]
     batch_sizes: dict[str, float] = field(default_factory=dict)  # bucket upper bound -> batches
     mean_batch_size: float | None = None
+    model_busy: float | None = None  # share of the step's time the model spent computing batches
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -115,6 +116,8 @@ def parse_batch_histogram(metrics_text: str) -> dict[str, float]:
     cumulative batches, ..., "sum": images, "count": batches}, summed over label sets."""
     histogram: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
+        if family.name == "blip_model_busy_seconds":  # a counter: the model's compute time so far
+            histogram["busy_s"] = sum(s.value for s in family.samples if s.name.endswith("_total"))
         if family.name != "blip_batch_size":
             continue
         for sample in family.samples:
@@ -140,7 +143,7 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> tup
     mean batch size (images / batches)."""
     if not after:
         return {}, None
-    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    delta = {key: after[key] - before.get(key, 0.0) for key in after if key != "busy_s"}
     bounds = sorted((key for key in delta if key.startswith("le=")), key=lambda k: float(k[3:]))
     per_bucket, previous = {}, 0.0
     for key in bounds:
@@ -186,6 +189,7 @@ async def run_step(
     ok = [o.latency_s for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in outcomes]
     buckets, mean_batch = batch_distribution(before, after)
+    busy = (after["busy_s"] - before.get("busy_s", 0.0)) / duration if "busy_s" in after else None
     return StepReport(
         server=server,
         mode=mode,
@@ -201,4 +205,5 @@ async def run_step(
         errors=dict(Counter(o.error for o in outcomes if o.error)),
         batch_sizes=buckets,
         mean_batch_size=None if mean_batch is None else round(mean_batch, 2),
+        model_busy=None if busy is None else round(busy, 3),
     )

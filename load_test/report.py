@@ -19,6 +19,7 @@ COLUMNS = [
     "p99_s",
     "max_s",
     "mean_batch_size",
+    "model_busy",
     "statuses",
 ]
 

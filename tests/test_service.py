@@ -216,3 +216,37 @@ def test_get_on_caption_is_json_405(server):
     assert response.status_code == 405
     assert response.json() == {"error": "GET is not allowed on /caption; use POST"}
     assert response.headers["x-request-id"]
+
+
+def test_info_says_what_is_served(server, tiny_model_dir):
+    from blip_serve import __version__
+
+    info = httpx.get(f"{server.url}/info", timeout=10).json()
+    assert info["name"] == "blip-serve" and info["version"] == __version__
+    assert info["model"] == tiny_model_dir and info["random_weights"] is True
+    assert (info["device"], info["precision"], info["compiled"]) == ("cpu", "fp32", False)
+    assert info["max_batch_size"] == 8 and info["max_queued_images"] == 64 and info["max_files_per_request"] == 32
+    log = server.log_text()
+    assert (
+        f"blip-serve {__version__}: BLIP loaded from {tiny_model_dir} (RANDOM WEIGHTS: gibberish captions) on cpu"
+        in log
+    )
+
+
+def test_the_docs_page_makes_no_request_outside_the_server(server):
+    import re
+
+    page = httpx.get(f"{server.url}/", timeout=10)
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "googletagmanager" not in page.text and "http" not in page.text.replace("http-equiv", "")
+    for asset in re.findall(r'(?:src|href)="\./([^"]+)"', page.text):
+        assert httpx.get(f"{server.url}/{asset}", timeout=10).status_code == 200, asset
+
+
+def test_the_openapi_document_names_the_project_and_every_route(server):
+    from blip_serve import __version__
+
+    spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
+    assert (spec["info"]["title"], spec["info"]["version"]) == ("blip-serve", __version__)
+    assert {"/caption", "/captions", "/info", "/readyz", "/livez", "/metrics"} <= set(spec["paths"])
+    assert set(spec["paths"]["/caption"]["post"]["responses"]) >= {"200", "400", "413", "415", "503", "504"}

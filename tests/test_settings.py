@@ -98,3 +98,12 @@ def test_a_model_setting_that_looks_like_a_path(value, is_path):
     from blip_serve.model_files import looks_like_a_path
 
     assert looks_like_a_path(value) == is_path
+
+
+def test_the_version_is_written_once():
+    import tomllib
+
+    from blip_serve import __version__
+
+    with open("pyproject.toml", "rb") as project:
+        assert tomllib.load(project)["project"]["version"] == __version__

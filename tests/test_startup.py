@@ -103,3 +103,20 @@ def test_readyz_answers_at_once_while_the_model_loads(tiny_model_dir, tmp_path):
     assert set(answered) <= {200, 503} and answered[-1] == 200, seen
     assert 503 in answered  # it answered while loading, and said not yet
     assert slowest < 1.0 and livez == 200
+
+
+def test_a_second_server_under_the_same_home_stops_and_the_first_keeps_its_metrics(tiny_model_dir, tmp_path):
+    home = tmp_path / "home"
+    first = BentoServer({"BLIP_MODEL": tiny_model_dir, "BENTOML_HOME": str(home)}, tmp_path / "first.log").start()
+    try:
+        image = (REPO / "examples" / "sample.jpg").read_bytes()
+        assert httpx.post(f"{first.url}/caption", files={"file": image}, timeout=60).status_code == 200
+        code, output, elapsed = serve({"BLIP_MODEL": tiny_model_dir}, home)
+        lines = [line for line in output.strip().splitlines() if "torchvision" not in line]
+        assert code != 0 and len(lines) == 1, output
+        assert lines[0].startswith(f"another blip-serve server (pid {first.process.pid}) uses BENTOML_HOME={home}")
+        metrics = httpx.get(f"{first.url}/metrics", timeout=10).text
+        assert 'endpoint="/caption"' in metrics and "blip_batch_size_count 1.0" in metrics
+    finally:
+        first.stop()
+    assert not (home / "blip-serve.pid").exists()  # released at exit
