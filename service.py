@@ -70,6 +70,7 @@ LOGGING = {"access": {"enabled": False}}
 
 server_patches.bound_metric_labels()
 server_patches.use_h11()  # the header timeout patches h11; httptools, if installed, would bypass it
+server_patches.remove_sockets_after_workers()  # a draining API still reaches the model service
 
 
 @bentoml.service(
@@ -222,12 +223,12 @@ class CaptionAPI:
 
     async def __is_ready__(self) -> bool:  # BentoML's /readyz (async: no thread per probe)
         """Ready when not draining and the model service has answered its /readyz once. Asked first
-        (within a second), because BentoML's own check of the model service waits for it to come up
+        (within half a second), because BentoML's own check of the model service waits for it to come up
         (up to the traffic timeout) and then answers 500: a startup probe would hang ~2 minutes."""
         if self.drain.draining:
             return False
         if not self.model_loaded:
-            self.model_loaded = await model_service_ready(timeout_s=1.0)
+            self.model_loaded = await model_service_ready(timeout_s=0.5)
         return self.model_loaded
 
     @app.get("/", include_in_schema=False)

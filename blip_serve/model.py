@@ -25,8 +25,8 @@ from . import __version__
 from .fast_decode import StaticCacheDecoder, unsupported_settings
 from .images import image_processor_config
 from .jobs import CaptionJob, CaptionResult, group_jobs
+from .model_files import RANDOM_WEIGHTS
 from .settings import Settings
-from .tiny_model import RANDOM_WEIGHTS
 
 logger = logging.getLogger("bentoml.blip_serve")
 

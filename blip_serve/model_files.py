@@ -16,6 +16,7 @@ from .settings import DEFAULT_MODEL
 
 STORE_MODEL = "blip-captioning"  # the name `python -m blip_serve.import_model` stores a model under
 HUB_EXCLUDE = ["tf_model.h5", "*.msgpack", "*.onnx"]
+RANDOM_WEIGHTS = "RANDOM_WEIGHTS"  # a file tiny_model writes: /info and the start-up line report it
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")

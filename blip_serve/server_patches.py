@@ -16,6 +16,12 @@ Applied once, from service.py, in every server process; each one is tested by th
    use_h11 keeps uvicorn on h11 where httptools is installed too, so this always applies.
    uvicorn's own 400 for bytes that are not HTTP is sent as JSON too. Applied in the API process
    only: the model service's connections come from the API service.
+3. remove_sockets_after_workers: on SIGTERM, BentoML's Arbiter.stop() first deletes the folder of
+   its Unix sockets (the API's way to the model service), then stops the workers. During a drain
+   the API must still reach the model: a request that needed a new connection found no socket
+   and got 503 (seen as the drain test failing under load, when every pooled connection was busy).
+   Here the folder goes once the workers have exited. Upstream: Arbiter.stop in
+   bentoml/_internal/utils/circus/__init__.py runs `exit_stack` before `super().stop()`.
 """
 
 from __future__ import annotations
@@ -162,3 +168,24 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
     H11Protocol.handle_events = handle_events
     H11Protocol.on_response_complete = on_response_complete
     H11Protocol.send_400_response = send_400_response
+
+
+def remove_sockets_after_workers() -> None:
+    """BentoML's arbiter cleans up (its Unix sockets' folder) after the workers stop, not before."""
+    from bentoml._internal.utils import circus as bentoml_circus
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    arbiter = bentoml_circus.Arbiter
+    if getattr(arbiter, "cleans_up_last", False):
+        return
+    start = arbiter.start
+
+    def start_then_clean_up(self, cb=None) -> None:
+        try:
+            start(self, cb)  # returns once the arbiter has stopped every worker
+        finally:
+            self.exit_stack.__exit__(None, None, None)  # an ExitStack runs its callbacks once
+
+    arbiter.start = start_then_clean_up
+    arbiter.stop = CircusArbiter.stop  # without running exit_stack first
+    arbiter.cleans_up_last = True

@@ -13,6 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from .model_files import RANDOM_WEIGHTS
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
@@ -91,9 +93,6 @@ def tiny_vocab() -> dict[str, int]:
     """A small WordPiece vocabulary: special tokens, words, and letters to spell anything else."""
     tokens = SPECIAL_TOKENS + WORDS + LETTERS + [f"##{c}" for c in LETTERS]
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-
-
-RANDOM_WEIGHTS = "RANDOM_WEIGHTS"  # a file the server reports in /info and its start-up line
 
 
 def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0) -> Path:

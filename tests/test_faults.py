@@ -16,7 +16,7 @@ import pytest
 
 from load_test.client import run_step
 from load_test.servers import BentoServer
-from support.clients import Answer, post_concurrently
+from support.clients import Answer, post_concurrently, wait_for_queue
 from support.images import encode, scene
 from support.nginx import NginxServer
 
@@ -68,7 +68,7 @@ def kill_model_worker_under_load(server, url: str, count: int = 16):
 
     async def scenario():
         load = asyncio.create_task(asyncio.to_thread(post_concurrently, f"{url}/caption", [IMAGE] * count))
-        await asyncio.sleep(1.0)  # a batch is being generated, others are queued
+        await asyncio.to_thread(wait_for_queue, server, count // 2)  # a batch is being generated, others are queued
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         return killed_at, await load, time.monotonic()

@@ -5,7 +5,6 @@ deploys: probe paths answer on the real server, ConfigMap keys are real settings
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 
@@ -16,6 +15,7 @@ import pytest
 from blip_serve.settings import Settings, load_settings
 from load_test.servers import REPO
 from support.k8s import one, render
+from support.tools import require
 
 OVERLAYS = ["cpu", "gpu"]
 KUBERNETES_VERSION = "1.32.0"  # the oldest version still supported upstream when this was written
@@ -55,11 +55,7 @@ def test_a_misspelt_field_fails_strict_validation(rendered):
 
 def validate_scaled_objects(documents: list[dict]) -> subprocess.CompletedProcess:
     node = shutil.which("node")
-    if not (node and (KEDA / "node_modules").is_dir()):
-        message = "KEDA's schema needs node and `npm ci --prefix tests/support/keda` (.ci/run does both)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require(bool(node) and (KEDA / "node_modules").is_dir(), "node and `npm ci --prefix tests/support/keda`")
     lines = "".join(json.dumps(d) + "\n" for d in documents)
     return subprocess.run([node, str(KEDA / "validate.mjs")], input=lines, capture_output=True, text=True)
 

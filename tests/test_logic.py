@@ -46,7 +46,7 @@ def run_send_jobs(failures: list[Exception]) -> tuple[list | Exception, int]:
     """send_jobs with a call that raises each of `failures` in turn, then answers."""
     calls = 0
 
-    async def call(jobs):
+    async def call(jobs, timeout_s):
         nonlocal calls
         calls += 1
         if failures:
@@ -54,7 +54,7 @@ def run_send_jobs(failures: list[Exception]) -> tuple[list | Exception, int]:
         return [CaptionResult(caption="ok")]
 
     try:
-        return asyncio.run(send_jobs(call, [job()])), calls
+        return asyncio.run(send_jobs(call, [job()], timeout_s=120)), calls
     except Exception as exc:
         return exc, calls
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -50,6 +51,19 @@ def post_caption(server, files=None, data=None, **kwargs) -> httpx.Response:
 def batch_histogram(server) -> dict[str, float]:
     """The server's batch-size histogram, from its /metrics."""
     return parse_batch_histogram(httpx.get(f"{server.url}/metrics").text)
+
+
+def queued_images(server) -> float:
+    """Images waiting in the server's model queue now (its blip_images_queued gauge)."""
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("blip_images_queued"))
+
+
+def wait_for_queue(server, images: int, timeout_s: float = 30) -> None:
+    """Return once at least `images` wait in the model's queue (or after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while queued_images(server) < images and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def multipart_head(length: int, path: str = "/caption") -> bytes:

@@ -11,6 +11,8 @@ import yaml
 
 from load_test.servers import REPO
 
+from .tools import require
+
 
 def render(overlay: str) -> list[dict]:
     """The overlay's objects (a fresh copy: tests may edit them)."""
@@ -20,7 +22,7 @@ def render(overlay: str) -> list[dict]:
 @functools.cache
 def rendered_once(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (kustomize built in) must be on PATH to render k8s/"
+    require(kubectl is not None, "kubectl on the PATH (it renders k8s/ with its built-in kustomize)")
     text = subprocess.run(
         [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)], capture_output=True, text=True, check=True
     ).stdout
