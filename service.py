@@ -100,6 +100,8 @@ class BlipModelService:
             max_batch_size=settings.max_batch_size,
             max_queued=settings.queued_images_limit(),
             observer=MetricsObserver(settings.max_batch_size),
+            # A batch costs at most a full batch of default-length captions: a heavy image runs alone.
+            max_batch_cost=settings.max_batch_size * settings.max_new_tokens,
         )
         # On SIGTERM: serve on until the API workers have answered everything they accepted.
         self.drain = Drain(

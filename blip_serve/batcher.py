@@ -15,7 +15,9 @@ here instead. The policy, in full:
    first. A 32-image request takes turns with single ones, and an image asking for 4 beams and 100
    tokens counts 20 times an ordinary one, so ordinary requests are not held behind heavy ones.
 3. **Fills.** A batch holds images with the same generation options (they share one `generate`), at
-   most `max_batch_size` sequences (images x beams). When the model frees and the batch is not full,
+   most `max_batch_size` sequences (images x beams) and at most `max_batch_cost` of cost (in the
+   service: a full batch of default-length captions), so that no batch takes much longer than an
+   ordinary full one: a heavy image runs alone. When the model frees and the batch is not full,
    it waits for the clients the last batch answered to come back, but never longer than
    `GATHER_FRACTION` of the last batch's duration; it starts at once when full, or when nobody is
    expected. A lone request on an idle model starts at once: the only state kept is the last batch.
@@ -91,11 +93,11 @@ def job_cost(job: Job) -> float:
 class FairQueue(Generic[J]):
     """The queue's rules without the clock or the model: admission, fair order, batch forming."""
 
-    def __init__(self, max_batch_size: int, max_queued: int):
+    def __init__(self, max_batch_size: int, max_queued: int, max_batch_cost: float | None = None):
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
+        self.max_batch_cost = max_batch_cost or float("inf")
         self.virtual_time = 0.0  # the start tag of the last image taken
-        self.flow_finish: dict[int, float] = {}
         self.queued: list[Pending[J]] = []
         self.counter = itertools.count()
 
@@ -123,42 +125,50 @@ class FairQueue(Generic[J]):
         flows = {id(p.flow): p.flow for p in self.queued if p.flow.deadline <= now}
         return list(flows.values())
 
-    def sequences(self) -> int:
-        return sum(p.sequences for p in self.queued)
-
     def full(self) -> bool:
         """Is a full batch queued among the images due now (tag at most the virtual time)? Images of
         clients that come back join at the virtual time, ahead of any image tagged later."""
-        if not self.queued:
+        due = [p for p in self.queued if p.tag <= self.virtual_time]
+        if not due or min(self.queued, key=self.sort_key).tag > self.virtual_time:
             return False
-        first = min(self.queued, key=self.sort_key)
-        if first.tag > self.virtual_time:
-            return False
-        options = first.job.generation_options()
-        due = (p for p in self.queued if p.tag <= self.virtual_time and p.job.generation_options() == options)
-        return sum(p.sequences for p in due) >= self.max_batch_size
+        batch = self.form(due)
+        options = batch[0].job.generation_options()
+        left_out = [p for p in due if p not in batch and p.job.generation_options() == options]
+        return self.batch_is_full(batch) or bool(left_out)
 
     @staticmethod
     def sort_key(pending: Pending) -> tuple[float, int]:
         return (pending.tag, pending.order)
 
-    def take_batch(self) -> list[Pending[J]]:
-        """The next batch: the fairest image sets the options; then, in fair order, every image with
-        the same options while the batch has room (always at least one image)."""
-        if not self.queued:
-            return []
-        ordered = sorted(self.queued, key=self.sort_key)
-        options = ordered[0].job.generation_options()
-        batch, room = [], self.max_batch_size
+    def form(self, candidates: list[Pending[J]]) -> list[Pending[J]]:
+        """A batch from `candidates`: the fairest image sets the options; then, in fair order, the
+        images with the same options while the batch has room for their sequences (images x beams,
+        up to max_batch_size) and their cost (up to max_batch_cost); always at least one image."""
+        ordered = sorted(candidates, key=self.sort_key)
+        options = ordered[0].job.generation_options() if ordered else None
+        batch, room, budget = [], self.max_batch_size, self.max_batch_cost
         for pending in ordered:
             if pending.job.generation_options() != options:
                 continue
-            if batch and pending.sequences > room:
+            if batch and (pending.sequences > room or job_cost(pending.job) > budget):
                 break
             batch.append(pending)
             room -= pending.sequences
-            if room <= 0:
+            budget -= job_cost(pending.job)
+            if room <= 0 or budget <= 0:
                 break
+        return batch
+
+    def batch_is_full(self, batch: list[Pending[J]]) -> bool:
+        sequences = sum(p.sequences for p in batch)
+        cost = sum(job_cost(p.job) for p in batch)
+        return sequences >= self.max_batch_size or cost >= self.max_batch_cost
+
+    def take_batch(self) -> list[Pending[J]]:
+        """The next batch (see `form`), out of the queue."""
+        if not self.queued:
+            return []
+        batch = self.form(self.queued)
         # The virtual time moves on by the batch's cost shared among the flows waiting for the
         # model (as a fair share of the model would), and never lags the batch's own tags.
         active = len({id(p.flow) for p in self.queued})
@@ -180,9 +190,10 @@ class Batcher(Generic[J, R]):
         max_batch_size: int,
         max_queued: int,
         observer: BatchObserver | None = None,
+        max_batch_cost: float | None = None,
     ):
         self.run_batch = run_batch
-        self.queue: FairQueue[J] = FairQueue(max_batch_size, max_queued)
+        self.queue: FairQueue[J] = FairQueue(max_batch_size, max_queued, max_batch_cost)
         self.observer = observer or BatchObserver()
         self.clock = time.monotonic
         self.arrived = asyncio.Event()

@@ -48,8 +48,12 @@ class Model:
         return [f"caption of {job.name}" for job in jobs]
 
 
-def batcher(model: Model, max_batch_size: int = 8, max_queued: int = 64) -> Batcher:
-    return Batcher(model, max_batch_size=max_batch_size, max_queued=max_queued, observer=Recorder())
+def batcher(
+    model: Model, max_batch_size: int = 8, max_queued: int = 64, max_batch_cost: float | None = None
+) -> Batcher:
+    return Batcher(
+        model, max_batch_size=max_batch_size, max_queued=max_queued, observer=Recorder(), max_batch_cost=max_batch_cost
+    )
 
 
 def test_answers_each_job_in_order():
@@ -122,7 +126,8 @@ def test_a_big_request_takes_turns_with_single_ones():
 
 def test_cost_counts_beams_and_tokens():
     """A heavy request (4 beams, 100 tokens: 20x an ordinary image) gets a fair share of the model's
-    work, not of its images: ordinary requests run many images per heavy one."""
+    work, not of its images: ordinary requests run many images per heavy one, and a batch never
+    costs more than a full ordinary one (8 x 20 tokens), so a heavy image runs alone."""
     model = Model(cost_s=0.02)
 
     async def ordinary(b: Batcher, k: int) -> None:
@@ -130,7 +135,7 @@ def test_cost_counts_beams_and_tokens():
             await b.submit([Job(f"light{k}-{i}")], timeout_s=30)
 
     async def scenario():
-        b = batcher(model)
+        b = batcher(model, max_batch_cost=8 * 20)
         heavy = asyncio.create_task(
             b.submit([Job(f"heavy{i}", num_beams=4, max_new_tokens=100) for i in range(32)], timeout_s=30)
         )
@@ -141,7 +146,9 @@ def test_cost_counts_beams_and_tokens():
     asyncio.run(scenario())
     last_light = max(i for i, batch in enumerate(model.batches) if batch[0].startswith("light"))
     heavy_batches = [batch for batch in model.batches[:last_light] if batch[0].startswith("heavy")]
-    assert all(len(batch) == 2 for batch in heavy_batches)  # 2 images x 4 beams = 8 sequences
+    assert all(len(batch) == 1 for batch in heavy_batches)  # cost 400 each: alone, though 2 x 4 beams would fit
+    light_batches = [batch for batch in model.batches if batch[0].startswith("light")]
+    assert max(len(batch) for batch in light_batches) == 4  # the ordinary ones still share batches
     assert 1 <= len(heavy_batches) <= 3  # while the ordinary clients ran their 40 images: not starved either
 
 
@@ -224,3 +231,15 @@ def test_a_caller_that_hangs_up_cancels_its_call():
 
     asyncio.run(scenario())
     assert cancelled == [True]
+
+
+def test_the_batch_cost_bound_still_fills_ordinary_batches():
+    model = Model(cost_s=0.05)
+
+    async def scenario():
+        b = batcher(model, max_batch_cost=8 * 20)
+        await b.submit([Job(f"big{i}") for i in range(16)], timeout_s=10)  # 20 tokens each
+        await b.submit([Job(f"long{i}", max_new_tokens=40) for i in range(8)], timeout_s=10)
+
+    asyncio.run(scenario())
+    assert [len(batch) for batch in model.batches] == [8, 8, 4, 4]  # 40-token captions: 4 a batch
