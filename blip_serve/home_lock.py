@@ -34,8 +34,11 @@ def take(home: str | os.PathLike | None = None) -> None:
             f"another blip-serve server (pid {holder}) uses BENTOML_HOME={home}: both would share and wipe "
             "each other's /metrics. Give this one its own: BENTOML_HOME=/some/other/dir bentoml serve"
         )
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(str(os.getpid()))
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(os.getpid()))
+    except OSError:  # a home this process cannot write: BentoML will say so itself
+        return
     atexit.register(release, lock)
 
 

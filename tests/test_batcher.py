@@ -128,7 +128,7 @@ def test_cost_counts_beams_and_tokens():
     """A heavy request (4 beams, 100 tokens: 20x an ordinary image) gets a fair share of the model's
     work, not of its images: ordinary requests run many images per heavy one, and a batch never
     costs more than a full ordinary one (8 x 20 tokens), so a heavy image runs alone."""
-    model = Model(cost_s=0.02)
+    model = Model(cost_s=0.05)
 
     async def ordinary(b: Batcher, k: int) -> None:
         for i in range(10):

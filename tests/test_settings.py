@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,21 @@ def test_the_version_is_written_once():
 
     with open("pyproject.toml", "rb") as project:
         assert tomllib.load(project)["project"]["version"] == __version__
+
+
+def test_the_home_lock_refuses_a_live_holder_and_takes_a_stale_one(tmp_path):
+    import subprocess
+
+    from blip_serve import home_lock
+
+    (tmp_path / home_lock.LOCK_NAME).write_text("999999999")  # no such process: stale
+    home_lock.take(tmp_path)
+    assert (tmp_path / home_lock.LOCK_NAME).read_text() == str(os.getpid())
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "bentoml"])
+    try:
+        (tmp_path / home_lock.LOCK_NAME).write_text(str(holder.pid))
+        with pytest.raises(home_lock.HomeInUse, match=f"another blip-serve server \\(pid {holder.pid}\\)"):
+            home_lock.take(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
