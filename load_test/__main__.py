@@ -27,8 +27,8 @@ from .servers import BaselineServer, BentoServer, LitServeServer
 
 
 def sweep(name: str, url: str, images, args) -> list[StepReport]:
-    """Warm the server up once (BentoML's batcher spends its first ~35 requests calibrating at batch
-    sizes 1-3), then one step per concurrency and per open-loop rate."""
+    """Warm the server up once (a fresh model's first batches run slower), then one step per
+    concurrency and per open-loop rate."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if args.warmup:
         asyncio.run(run_step(name, url, images, "closed", 8, args.warmup, 0, headers))

@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "cores: $(nproc), API workers: $api_workers, python: $($python -c 'import sys, torch; print(sys.version.split()[0], torch.__version__)')"
 [ -f "$model/config.json" ] || $python -m blip_serve.tiny_model "$model" --full
 
-gpu="BLIP_PRECISION=fp16 BLIP_MAX_BATCH_SIZE=64 BLIP_MAX_LATENCY_MS=20000 BLIP_API_WORKERS=$api_workers"
+gpu="BLIP_PRECISION=fp16 BLIP_MAX_BATCH_SIZE=64 BLIP_MAX_QUEUED_IMAGES=1024 BLIP_API_WORKERS=$api_workers"
 part() {  # part NAME SECONDS ARGS...: one `python -m load_test compare`, cut off after SECONDS
     local name=$1 limit=$2
     shift 2
