@@ -117,6 +117,8 @@ class UploadReader:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise BadRequest('the body is not valid JSON: send {"image": "<base64>", "prompt": ...}') from None
+        except RecursionError:  # not a ValueError: without this, arrays nested 100,000 deep were a 500
+            raise BadRequest('the JSON body is nested too deeply: send {"image": "<base64>", "prompt": ...}') from None
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise BadRequest('the JSON body needs "image": the image\'s bytes in base64 (or a data: URL)')
         return Upload("image", decode_base64_image(body["image"])), self.caption_options(body)

@@ -121,6 +121,15 @@ def test_json_errors(server, body, status, words):
     assert words in response.json()["error"]
 
 
+def test_json_nested_too_deep_is_a_400_not_a_500(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = httpx.post(
+        f"{server.url}/caption", content=deep, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": 'the JSON body is nested too deeply: send {"image": "<base64>", "prompt": ...}'}
+
+
 def test_other_bodies_are_refused_with_what_works(server):
     response = httpx.post(f"{server.url}/caption", content=b"hello", headers={"Content-Type": "text/plain"})
     assert response.status_code == 415
