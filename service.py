@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +30,20 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from blip_serve import __version__, home_lock, server_patches
-from blip_serve.batcher import Batcher, CallDropped, CallerGone, MetricsObserver, QueueFull, until_disconnected
+from blip_serve.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
 from blip_serve.docs import DESCRIPTION, openapi_document
 from blip_serve.docs import PAGE as DOCS_PAGE
 from blip_serve.drain import CaptionsInFlight, Drain, api_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
-from blip_serve.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields
+from blip_serve.http import (
+    CallerGone,
+    JsonErrors,
+    RequestGuard,
+    RequestLog,
+    install_error_handlers,
+    log_fields,
+    until_disconnected,
+)
 from blip_serve.images import (
     LARGE_IMAGE_PIXELS,
     ImageLimits,
@@ -48,7 +55,7 @@ from blip_serve.images import (
     return_freed_memory_to_os,
 )
 from blip_serve.jobs import CaptionJob, CaptionResult
-from blip_serve.model_client import send_jobs
+from blip_serve.model_client import model_service_ready, send_jobs
 from blip_serve.model_files import describe_source, model_dir, model_source
 from blip_serve.settings import load_settings
 from blip_serve.text_limits import TextLimits
@@ -205,7 +212,6 @@ class CaptionAPI:
         self.uploads = UploadReader(settings)
         self.resize = ResizeSpec.from_model_dir(files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
-        self.timeout_s = settings.request_timeout_s  # how long the model's queue keeps a call
         self.model_loaded = False
         self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
         # Large uploads take turns in a few low-priority threads: N of them at once cost a few
@@ -265,7 +271,9 @@ class CaptionAPI:
         started = time.perf_counter()
         image = await self.prepare(upload.data)
         decoded = time.perf_counter()
-        [result] = await send_jobs(self.model.to_async.caption_batch, [caption_job(image, options)], self.timeout_s)
+        [result] = await send_jobs(
+            self.model.to_async.caption_batch, [caption_job(image, options)], settings.request_timeout_s
+        )
         log_fields(request).update(
             image=f"{image.width}x{image.height}",
             decode_ms=f"{(decoded - started) * 1000:.1f}",
@@ -286,7 +294,9 @@ class CaptionAPI:
         prepared = await asyncio.gather(*(self.prepare(u.data) for u in uploads), return_exceptions=True)
         decoded = time.perf_counter()
         jobs = [caption_job(image, options) for image in prepared if isinstance(image, PreparedImage)]
-        results = iter(await send_jobs(self.model.to_async.caption_batch, jobs, self.timeout_s) if jobs else [])
+        results = iter(
+            await send_jobs(self.model.to_async.caption_batch, jobs, settings.request_timeout_s) if jobs else []
+        )
 
         answers = []
         for upload, image in zip(uploads, prepared):
@@ -333,25 +343,6 @@ app.add_middleware(
 CaptionAPI.add_asgi_middleware(CaptionsInFlight)  # what a drain waits for
 CaptionAPI.add_asgi_middleware(RequestLog)
 CaptionAPI.add_asgi_middleware(JsonErrors)
-
-
-async def model_service_ready(timeout_s: float) -> bool:
-    """Does BlipModelService answer its /readyz with 200 within `timeout_s`? Its address is in the
-    runner map BentoML gives each worker: a Unix socket (file://...) or an http:// URL."""
-    import httpx
-
-    address = json.loads(os.environ.get("BENTOML_RUNNER_MAP", "{}")).get("BlipModelService")
-    if not address:
-        return True  # no map (a test calling the app in-process): BentoML's own check decides
-    if address.startswith("file://"):
-        transport, url = httpx.AsyncHTTPTransport(uds=address.removeprefix("file://")), "http://model/readyz"
-    else:
-        transport, url = None, address.rstrip("/") + "/readyz"
-    try:
-        async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as client:
-            return (await client.get(url)).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def check_api_key(request: Request) -> None:

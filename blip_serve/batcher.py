@@ -39,8 +39,6 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from .http import wait_for_disconnect
-
 logger = logging.getLogger("bentoml.blip_serve")
 GATHER_FRACTION = 0.2  # the longest wait for a fuller batch, as a share of the last batch's duration
 
@@ -109,9 +107,8 @@ class FairQueue(Generic[J]):
             raise QueueFull(f"{len(self.queued)} images queued, at most {self.max_queued}")
         start = self.virtual_time
         for job in jobs:
-            finish = start + job_cost(job)
             flow.pending.append(Pending(job, flow, start, next(self.counter), loop.create_future(), now))
-            start = finish
+            start += job_cost(job)
         self.queued.extend(flow.pending)
         return list(flow.pending)
 
@@ -284,8 +281,8 @@ class Batcher(Generic[J, R]):
                 if not pending.future.done():
                     pending.future.set_result(result)
         self.last_end = self.clock()
-        self.observer.batch_done(self.last_end - started)
         self.last_duration = self.last_end - started
+        self.observer.batch_done(self.last_duration)
         self.expected_back = len(batch)
         self.waiting_at_end = len(self.queue)
 
@@ -352,23 +349,3 @@ class MetricsObserver(BatchObserver):
 
     def dropped(self, reason: str, images: int) -> None:
         self.drops.labels(reason=reason).inc(images)
-
-
-class CallerGone(Exception):
-    """The caller closed its connection before the answer: nobody is waiting for it."""
-
-
-async def until_disconnected(request, call: Awaitable[R]) -> R:
-    """Await `call`, cancelling it if the HTTP client of `request` (a Starlette request whose body
-    was read) disconnects first: then raise CallerGone. The API service's call is cancelled, and so
-    disconnects, when its own request is answered or abandoned."""
-    work = asyncio.ensure_future(call)
-    hang_up = asyncio.ensure_future(wait_for_disconnect(request.receive))  # the body was read: only a disconnect comes
-    try:
-        await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        raise CallerGone()
-    finally:
-        hang_up.cancel()
-        work.cancel()

@@ -389,16 +389,19 @@ async def caption_folder(args: argparse.Namespace, counts: Counter) -> int:
                             record.update(error=outcome.error, status=outcome.status)
                             counts[f"failed ({outcome.status})"] += 1
                             if not args.quiet:
-                                progress.write(f"failed: {outcome.image}: {outcome.status} {outcome.error}")
+                                progress.write(f"failed: {outcome.image}: {outcome.status} {outcome.error}", sys.stderr)
                         if sink:
                             sink.write(record)
                         elif not args.quiet:
-                            progress.write(json.dumps(record))
+                            progress.write(json.dumps(record), sys.stdout)
                     progress.update(len(outcomes))
 
-                async with asyncio.TaskGroup() as group:  # a Stop cancels the other requests
-                    for images_of_one_request in chunks(todo, args.batch):
-                        group.create_task(run(images_of_one_request))
+                try:
+                    async with asyncio.TaskGroup() as group:  # a Stop cancels the other requests
+                        for images_of_one_request in chunks(todo, args.batch):
+                            group.create_task(run(images_of_one_request))
+                except* Stop as stops:
+                    raise stops.exceptions[0] from None
     finally:
         progress.close()
     elapsed = time.monotonic() - started
@@ -427,11 +430,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
-    def write(self, line: str) -> None:
+    def write(self, line: str, stream) -> None:
+        """`line` on `stream` without tearing the bar."""
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr if line.startswith("failed:") else sys.stdout)
+            self.bar.write(line, file=stream)
         else:
-            print(line, file=sys.stderr if line.startswith("failed:") else sys.stdout)
+            print(line, file=stream)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -468,11 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     counts: Counter = Counter()
     try:
         code = asyncio.run(caption_folder(args, counts))
-    except (Stop, ExceptionGroup) as exc:  # a TaskGroup raises a group around a request's Stop
-        stops = exc.subgroup(Stop).exceptions if isinstance(exc, ExceptionGroup) and exc.subgroup(Stop) else [exc]
-        if not isinstance(stops[0], Stop):
-            raise
-        print(f"blip-caption: {stops[0]}", file=sys.stderr)
+    except Stop as exc:
+        print(f"blip-caption: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         captioned = counts["captioned"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from pathlib import Path
 
 import psutil
@@ -63,8 +64,6 @@ def is_bentoml(pid: int) -> bool:
 
 def is_serve_supervisor() -> bool:
     """This process is `bentoml serve` itself (not a worker, not `bentoml build`)."""
-    import sys
-
     import bentoml
 
     command = [Path(sys.argv[0]).name, *sys.argv[1:2]] if sys.argv else []

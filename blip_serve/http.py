@@ -7,7 +7,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from http import HTTPStatus
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError
 
-logger = logging.getLogger("bentoml.blip_serve")  # under "bentoml": BentoML's log handlers and format
+logger = logging.getLogger("bentoml.blip_serve")
+T = TypeVar("T")  # under "bentoml": BentoML's log handlers and format
 
 FIELD_HINTS = {
     "file": "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)",
@@ -205,6 +208,26 @@ class RequestGuard:
 async def wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class CallerGone(Exception):
+    """The caller closed its connection before the answer: nobody is waiting for it."""
+
+
+async def until_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """Await `call`, cancelling it if the HTTP client of `request` (a Starlette request whose body
+    was read) disconnects first: then raise CallerGone. The API service's call is cancelled, and so
+    disconnects, when its own request is answered or abandoned."""
+    work = asyncio.ensure_future(call)
+    hang_up = asyncio.ensure_future(wait_for_disconnect(request.receive))  # the body was read: only a disconnect comes
+    try:
+        await asyncio.wait({work, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise CallerGone()
+    finally:
+        hang_up.cancel()
+        work.cancel()
 
 
 class BodyRefused(Exception):

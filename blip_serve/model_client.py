@@ -3,9 +3,12 @@ means for the client."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import httpx
 from bentoml.exceptions import BentoMLException
 
 from .errors import Unavailable
@@ -50,3 +53,20 @@ async def send_jobs(
                 # Lost twice: the model worker is gone, and BentoML's supervisor is starting a new one.
                 raise Unavailable("the captioning model is restarting; retry shortly") from None
     raise AssertionError("unreachable")
+
+
+async def model_service_ready(timeout_s: float) -> bool:
+    """Does BlipModelService answer its /readyz with 200 within `timeout_s`? Its address is in the
+    runner map BentoML gives each worker: a Unix socket (file://...) or an http:// URL."""
+    address = json.loads(os.environ.get("BENTOML_RUNNER_MAP", "{}")).get("BlipModelService")
+    if not address:
+        return True  # no map (a test calling the app in-process): BentoML's own check decides
+    if address.startswith("file://"):
+        transport, url = httpx.AsyncHTTPTransport(uds=address.removeprefix("file://")), "http://model/readyz"
+    else:
+        transport, url = None, address.rstrip("/") + "/readyz"
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as client:
+            return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -113,10 +113,11 @@ async def open_loop(
 
 def parse_batch_histogram(metrics_text: str) -> dict[str, float]:
     """The blip_batch_size histogram (the model service's batches) in a /metrics page: {"le=<bound>":
-    cumulative batches, ..., "sum": images, "count": batches}, summed over label sets."""
+    cumulative batches, ..., "sum": images, "count": batches}, summed over label sets; and "busy_s",
+    the model's compute time so far (blip_model_busy_seconds_total)."""
     histogram: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
-        if family.name == "blip_model_busy_seconds":  # a counter: the model's compute time so far
+        if family.name == "blip_model_busy_seconds":
             histogram["busy_s"] = sum(s.value for s in family.samples if s.name.endswith("_total"))
         if family.name != "blip_batch_size":
             continue
@@ -143,7 +144,7 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> tup
     mean batch size (images / batches)."""
     if not after:
         return {}, None
-    delta = {key: after[key] - before.get(key, 0.0) for key in after if key != "busy_s"}
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
     bounds = sorted((key for key in delta if key.startswith("le=")), key=lambda k: float(k[3:]))
     per_bucket, previous = {}, 0.0
     for key in bounds:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from blip_serve.batcher import Batcher, BatchObserver, CallDropped, CallerGone, QueueFull, until_disconnected
+from blip_serve.batcher import Batcher, BatchObserver, CallDropped, QueueFull
+from blip_serve.http import CallerGone, until_disconnected
 
 
 @dataclass

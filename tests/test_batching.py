@@ -11,10 +11,9 @@ from collections import Counter
 import aiohttp
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from load_test.servers import BentoServer
-from support.clients import batch_histogram, post_concurrently
+from support.clients import batch_histogram, metric, post_concurrently
 from support.images import encode, scene
 
 pytestmark = pytest.mark.slow
@@ -37,10 +36,7 @@ def slow_server(tiny_model_dir, tmp_path_factory):
 
 
 def dropped(server, reason: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
-        if family.name == "blip_images_dropped":
-            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["reason"] == reason)
-    return 0.0
+    return metric(server, "blip_images_dropped_total", reason=reason)
 
 
 def upload(image: bytes, path: str = "/caption") -> bytes:

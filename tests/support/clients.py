@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from load_test.client import parse_batch_histogram
 
@@ -53,10 +54,21 @@ def batch_histogram(server) -> dict[str, float]:
     return parse_batch_histogram(httpx.get(f"{server.url}/metrics").text)
 
 
+def metric(server, sample_name: str, **labels: str) -> float:
+    """The value of `sample_name` (e.g. blip_images_queued, blip_images_dropped_total) on the server's
+    /metrics, summed over the samples whose labels include `labels`; 0 before it first appears."""
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=5).text)
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == sample_name and labels.items() <= sample.labels.items()
+    )
+
+
 def queued_images(server) -> float:
     """Images waiting in the server's model queue now (its blip_images_queued gauge)."""
-    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("blip_images_queued"))
+    return metric(server, "blip_images_queued")
 
 
 def wait_for_queue(server, images: int, timeout_s: float = 30) -> None:
