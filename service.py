@@ -5,7 +5,7 @@ The request path, top to bottom:
     POST /caption (multipart field "file", JSON base64, or the raw image)  CaptionAPI.post_caption
       -> uploads.read_one: the image bytes and options, or a 4xx  blip_serve/uploads.py
       -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/text_limits.py
-      -> prepare_image: bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/images.py
+      -> a decode process: checks, bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/decode_workers.py, images.py
       -> BlipModelService.caption_batch: queued, batched with others  blip_serve/batcher.py, model.py
       -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/http.py
 
@@ -22,7 +22,6 @@ import asyncio
 import hmac
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -31,6 +30,7 @@ from pydantic import BaseModel
 
 from blip_serve import __version__, home_lock, server_patches
 from blip_serve.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
+from blip_serve.decode_workers import DecodeConfig, Decoders
 from blip_serve.docs import DESCRIPTION, openapi_document
 from blip_serve.docs import PAGE as DOCS_PAGE
 from blip_serve.drain import CaptionsInFlight, Drain, api_workers
@@ -44,16 +44,7 @@ from blip_serve.http import (
     log_fields,
     until_disconnected,
 )
-from blip_serve.images import (
-    LARGE_IMAGE_PIXELS,
-    ImageLimits,
-    PreparedImage,
-    ResizeSpec,
-    declared_pixels,
-    lower_thread_priority,
-    prepare_image,
-    return_freed_memory_to_os,
-)
+from blip_serve.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec, return_freed_memory_to_os
 from blip_serve.jobs import CaptionJob, CaptionResult
 from blip_serve.model_client import model_service_ready, send_jobs
 from blip_serve.model_files import describe_source, model_dir, model_source
@@ -210,16 +201,30 @@ class CaptionAPI:
         server_patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
         files = model_dir(self.model_files)
         self.uploads = UploadReader(settings)
-        self.resize = ResizeSpec.from_model_dir(files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
         self.model_loaded = False
-        self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
-        # Large uploads take turns in a few low-priority threads: N of them at once cost a few
-        # decodes' memory, not N, and they yield the cores to the model and to small uploads,
-        # which skip the queue.
-        slots = settings.max_concurrent_decodes or max(1, len(os.sched_getaffinity(0)) // 2)
-        self.large_decodes = ThreadPoolExecutor(slots, "large-decode", initializer=lower_thread_priority)
-        return_freed_memory_to_os()
+        # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
+        # killed when its request ends. Large uploads take turns in a few low-priority processes:
+        # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
+        # model and to small uploads, which have their own processes.
+        resize = ResizeSpec.from_model_dir(files)
+        cores = len(os.sched_getaffinity(0))
+        self.decoders = Decoders(
+            DecodeConfig(
+                max_pixels=settings.max_image_pixels,
+                max_side=settings.max_image_side,
+                width=resize.width,
+                height=resize.height,
+                resample=int(resize.resample),
+                jpeg_draft=settings.jpeg_draft,
+                cpu_s=settings.decode_cpu_s,
+                memory_mb=settings.decode_memory_mb,
+                large_pixels=LARGE_IMAGE_PIXELS,
+            ),
+            small=settings.decode_processes or cores,
+            large=settings.max_concurrent_decodes or max(1, cores // 2),
+        )
+        return_freed_memory_to_os()  # request bodies go back to the OS once answered
         # On SIGTERM: /readyz 503 for BLIP_DRAIN_S, then exit once the caption requests are answered.
         self.drain = Drain(
             settings.drain_s, in_flight=CaptionsInFlight, longest_s=settings.drain_s + settings.request_timeout_s + 10
@@ -228,6 +233,10 @@ class CaptionAPI:
     @bentoml.on_startup
     def drain_on_sigterm(self) -> None:
         self.drain.install()
+
+    @bentoml.on_startup
+    async def start_decoders(self) -> None:
+        await self.decoders.warm_up()
 
     async def __is_ready__(self) -> bool:  # BentoML's /readyz (async: no thread per probe)
         """Ready when not draining and the model service has answered its /readyz once. Asked first
@@ -269,7 +278,7 @@ class CaptionAPI:
         upload, options = await self.uploads.read_one(request)
         self.text_limits.check(options.prompt, options.max_new_tokens)  # before the queue
         started = time.perf_counter()
-        image = await self.prepare(upload.data)
+        image = await self.prepare(upload.data, request)
         decoded = time.perf_counter()
         [result] = await send_jobs(
             self.model.to_async.caption_batch, [caption_job(image, options)], settings.request_timeout_s
@@ -291,7 +300,7 @@ class CaptionAPI:
         uploads, options = await self.uploads.read_many(request)
         self.text_limits.check(options.prompt, options.max_new_tokens)
         started = time.perf_counter()
-        prepared = await asyncio.gather(*(self.prepare(u.data) for u in uploads), return_exceptions=True)
+        prepared = await asyncio.gather(*(self.prepare(u.data, request) for u in uploads), return_exceptions=True)
         decoded = time.perf_counter()
         jobs = [caption_job(image, options) for image in prepared if isinstance(image, PreparedImage)]
         results = iter(
@@ -314,14 +323,11 @@ class CaptionAPI:
         )
         return CaptionsResponse(captions=answers)
 
-    async def prepare(self, data: bytes) -> PreparedImage:
-        """Decode and resize off the event loop: large images in the low-priority pool."""
+    async def prepare(self, data: bytes, request: Request) -> PreparedImage:
+        """Decode and resize in a decode process, taking turns with other requests' images."""
         if len(data) > settings.max_upload_bytes:  # one part of a /captions body
             raise PayloadTooLarge(f"the image is larger than {settings.max_upload_bytes / 1024 / 1024:g} MB")
-        work = (prepare_image, data, self.image_limits, self.resize, settings.jpeg_draft)
-        if declared_pixels(data) > LARGE_IMAGE_PIXELS:
-            return await asyncio.get_running_loop().run_in_executor(self.large_decodes, *work)
-        return await asyncio.to_thread(*work)
+        return await self.decoders.prepare(data, owner=id(request.scope))
 
 
 def caption_job(image: PreparedImage, options: CaptionOptions) -> CaptionJob:

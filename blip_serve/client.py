@@ -73,28 +73,44 @@ def option_fields(
     return {name: str(value) for name, value in options.items() if value is not None}
 
 
-def retry_delay(response: httpx.Response | None, attempt: int, max_wait_s: float) -> float:
+def retry_delay(headers: httpx.Headers | None, attempt: int, max_wait_s: float) -> float:
     """Retry-After when the server gave one, else exponential backoff with jitter; at most max_wait_s."""
-    if response is not None:
+    if headers is not None:
         try:
-            return min(max_wait_s, float(response.headers.get("retry-after", "")))
+            return max(0.0, min(max_wait_s, float(headers.get("retry-after", ""))))
         except ValueError:
             pass
     return min(max_wait_s, 0.5 * 2**attempt * (0.5 + random.random()))
 
 
-def error_message(response: httpx.Response) -> str:
+def error_message(body: bytes) -> str:
+    """The server's {"error": ...}, or the start of whatever else it sent (an HTML page from a proxy)."""
     try:
-        return str(response.json().get("error", response.text))
+        answer = json.loads(body)
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            return answer["error"][:1000]
     except ValueError:
-        return response.text[:500]
+        pass
+    text = body[:300].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text).strip() or "(an empty answer)"
+
+
+# An answer for 1,024 images is well under 1 MB; anything larger is not a blip-serve answer.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+
+
+class BadAnswer(Exception):
+    """The server's answer cannot be trusted: too large, too slow, compressed, or not the shape
+    blip-serve sends."""
 
 
 class AsyncBlipClient:
     """Asynchronous client: `await client.caption(...)`, `await client.caption_many(...)`.
 
     Retries 502/503/504 answers and connection errors (honouring Retry-After) up to `retries`
-    times; a 4xx is raised at once as BlipError with the server's message."""
+    times; a 4xx is raised at once as BlipError with the server's message. It trusts nothing it
+    is sent: a whole answer must arrive within `timeout_s` and hold at most MAX_ANSWER_BYTES, is
+    never decompressed, and must have blip-serve's shape; otherwise BlipError with status 0."""
 
     def __init__(
         self,
@@ -105,8 +121,11 @@ class AsyncBlipClient:
         max_retry_wait_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"Accept-Encoding": "identity"}  # no decompression bombs
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport)
+        self.timeout_s = timeout_s
         self.retries = retries
         self.max_retry_wait_s = max_retry_wait_s
 
@@ -116,20 +135,45 @@ class AsyncBlipClient:
     async def __aexit__(self, *exc) -> None:
         await self.http.aclose()
 
+    async def fetch(self, method: str, path: str, timeout_s: float | None = None, **request) -> tuple[int, dict, bytes]:
+        """(status, headers, body) of one request, the whole answer within `timeout_s` (a server
+        that sends a byte now and then does not reset it) and at most MAX_ANSWER_BYTES."""
+        try:
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                async with self.http.stream(method, path, **request) as response:
+                    if response.headers.get("content-encoding", "identity").lower() != "identity":
+                        raise BadAnswer("the server sent a compressed answer, which was not asked for")
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():  # not decoded: refused above
+                        body += chunk
+                        if len(body) > MAX_ANSWER_BYTES:
+                            raise BadAnswer(f"the server's answer is over {MAX_ANSWER_BYTES >> 20} MB")
+                    return response.status_code, response.headers, bytes(body)
+        except TimeoutError:
+            raise BadAnswer(f"no complete answer within {timeout_s or self.timeout_s:g} s") from None
+
     async def post(self, path: str, files: list, data: dict) -> dict:
         for attempt in range(self.retries + 1):
-            response = None
+            headers = None
             try:
-                response = await self.http.post(path, files=files, data=data)
+                status, headers, body = await self.fetch("POST", path, files=files, data=data)
+            except BadAnswer as exc:
+                raise BlipError(0, str(exc)) from None
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise BlipError(0, f"no answer from the server: {exc!r}") from None
             else:
-                if response.status_code == 200:
-                    return response.json()
-                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
-                    raise BlipError(response.status_code, error_message(response))
-            await asyncio.sleep(retry_delay(response, attempt, self.max_retry_wait_s))
+                if status == 200:
+                    try:
+                        answer = json.loads(body)
+                    except ValueError:
+                        answer = None
+                    if not isinstance(answer, dict):
+                        raise BlipError(0, f"the server's answer is not blip-serve's JSON: {error_message(body)}")
+                    return answer
+                if status not in RETRY_STATUSES or attempt == self.retries:
+                    raise BlipError(status, error_message(body))
+            await asyncio.sleep(retry_delay(headers, attempt, self.max_retry_wait_s))
         raise AssertionError("unreachable")
 
     async def caption(
@@ -141,16 +185,23 @@ class AsyncBlipClient:
     ) -> str:
         name, data = read_image(image)
         answer = await self.post("/caption", [("file", (name, data))], option_fields(prompt, max_new_tokens, num_beams))
+        if not isinstance(answer.get("caption"), str):
+            raise BlipError(0, 'the server\'s answer has no "caption" string')
         return answer["caption"]
 
     async def caption_batch(self, images: list[ImageInput], **options) -> list[Outcome]:
-        """One POST /captions for `images`; an outcome per image, in order."""
+        """One POST /captions for `images`; an outcome per image, in order. An image the answer
+        does not account for (a short list, an entry of the wrong shape) is an error of its own."""
         files = [("file", read_image(image)) for image in images]
         answer = await self.post("/captions", files, option_fields(**options))
+        entries = answer.get("captions")
+        if not isinstance(entries, list):
+            raise BlipError(0, 'the server\'s answer has no "captions" list')
         outcomes = []
-        for index, (image, entry) in enumerate(zip(images, answer["captions"])):
+        for index, image in enumerate(images):
             name = f"#{index}" if isinstance(image, bytes) else str(image)
-            outcomes.append(Outcome(name, entry.get("caption"), entry.get("error"), entry.get("status", 200)))
+            entry = entries[index] if index < len(entries) else None
+            outcomes.append(outcome_of(name, entry))
         return outcomes
 
     async def caption_many(
@@ -165,6 +216,17 @@ class AsyncBlipClient:
                 return await self.caption_batch(group, **options)
 
         return [outcome for group in await asyncio.gather(*(one(g) for g in batches)) for outcome in group]
+
+
+def outcome_of(name: str, entry) -> Outcome:
+    """One image's entry of a /captions answer, checked: a caption string, or an error and a status."""
+    if entry is None:
+        return Outcome(name, error="the server's answer has no result for this image", status=0)
+    if isinstance(entry, dict) and isinstance(entry.get("caption"), str):
+        return Outcome(name, entry["caption"])
+    if isinstance(entry, dict) and isinstance(entry.get("error"), str) and isinstance(entry.get("status"), int):
+        return Outcome(name, error=entry["error"][:1000], status=entry["status"])
+    return Outcome(name, error="the server's result for this image is not blip-serve's shape", status=0)
 
 
 class BlipClient:
@@ -327,11 +389,13 @@ async def check_server(client: AsyncBlipClient, url: str) -> None:
     """Before the first batch: is a blip-serve server there at all? (Retrying a wrong URL for
     minutes, then blaming every image, helps nobody.)"""
     try:
-        response = await client.http.get("/readyz", timeout=10)
+        status, _, _ = await client.fetch("GET", "/readyz", timeout_s=10)
     except httpx.TransportError as exc:
         raise Stop(f"cannot reach {url}: {describe_transport_error(exc)}") from None
-    if response.status_code not in (200, 503):
-        raise Stop(f"{url} does not look like a blip-serve server: GET /readyz answered {response.status_code}")
+    except BadAnswer as exc:
+        raise Stop(f"{url} does not look like a blip-serve server: {exc}") from None
+    if status not in (200, 503):
+        raise Stop(f"{url} does not look like a blip-serve server: GET /readyz answered {status}")
 
 
 def describe_transport_error(exc: BaseException) -> str:

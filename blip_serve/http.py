@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable
@@ -246,6 +247,18 @@ def multipart_closing(scope: Scope) -> bytes | None:
     return None
 
 
+# What a client-chosen value may carry into a log line or a header: no spaces, quotes or "=" that
+# would forge a field, no control characters that would forge a line.
+UNSAFE_IN_REQUEST_ID = re.compile(r"[^A-Za-z0-9._:-]")
+UNSAFE_IN_LOGS = re.compile(r"[^A-Za-z0-9._:~!$&'()*+,;=@/%-]")
+
+
+def safe_request_id(sent: str) -> str:
+    """The client's X-Request-ID with every character outside [A-Za-z0-9._:-] replaced by "_" (at
+    most 128 characters), or a new id when none was sent."""
+    return UNSAFE_IN_REQUEST_ID.sub("_", sent[:128]) or uuid.uuid4().hex
+
+
 class RequestLog:
     """One log line per request (id, method, path, status sent, latency, and what the route noted
     with `log_fields`) and an X-Request-ID header on every response."""
@@ -257,8 +270,7 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        sent_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = "".join(c for c in sent_id[:128] if c.isprintable()) or uuid.uuid4().hex
+        request_id = safe_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["log_fields"] = fields = {}
@@ -281,7 +293,7 @@ class RequestLog:
                     "request_id=%s method=%s path=%s status=%s latency_ms=%.1f%s",
                     request_id,
                     scope.get("method"),
-                    scope.get("path", "")[:200],
+                    UNSAFE_IN_LOGS.sub("_", scope.get("path", "")[:200]),
                     status if status is not None else "none(disconnected)",
                     (time.perf_counter() - started) * 1000,
                     extra,

@@ -1,10 +1,12 @@
 """The API side of an image: uploaded bytes -> upright RGB -> the model's input size, as uint8.
 
-    decode_image   bytes -> upright RGB image, or a ClientError saying why not
+    open_image     bytes -> an opened image whose structure and size are within the limits
+    decode_opened  -> upright RGB image; decode_image: both, or a ClientError saying why not
     resize_image   RGB image -> (3, H, W) uint8, exactly BLIP's image processor's resize
-    prepare_image  both, for one upload
+    prepare_image  all of it, for one upload
 
-Runs in the API process with Pillow and numpy only: no torch, no transformers. The model process
+Runs in the API service's decode processes (decode_workers.py) with Pillow and numpy only: no
+torch, no transformers. The model process
 does the rest of BLIP's preprocessing (rescale, normalize) on the uint8 array, so four times fewer
 bytes cross between the processes than float32 would.
 """
@@ -15,9 +17,8 @@ import ctypes
 import ctypes.util
 import io
 import json
-import os
-import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import BadRequest, ClientError, PayloadTooLarge, UnsupportedImage
+from .file_checks import check_exif, check_structure
 
 # Formats a client may send, by Pillow's name. Everything else (SVG, PDF, ICO, PSD ...) is refused
 # before Pillow's other plugins look at the bytes.
@@ -37,62 +39,32 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What one upload may cost: pixels bound memory, sides and aspect ratio bound the resize."""
+    """What one upload may cost: pixels bound memory, the longest side bounds the resize (a
+    1x12,000 strip costs ~65 ms and ~34 MB to resize to 384x384)."""
 
     max_pixels: int = 40_000_000
     max_side: int = 12_000
-    max_aspect_ratio: float = 20.0
 
     def check(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
             raise PayloadTooLarge(f"the image is {width}x{height} pixels; the limit is {self.max_pixels:,} pixels")
         if max(width, height) > self.max_side:
             raise PayloadTooLarge(f"the image is {width}x{height} pixels; no side may be over {self.max_side:,}")
-        if max(width, height) > self.max_aspect_ratio * min(width, height):
-            raise PayloadTooLarge(
-                f"the image is {width}x{height} pixels; its long side may be at most "
-                f"{self.max_aspect_ratio:g} times its short side: crop it"
-            )
 
 
 # Over this many pixels an upload costs real time and memory to decode (a 12 MP photo: ~0.3 s of a
-# core and ~50 MB); the API service lets only a few such decodes run at once.
+# core and ~50 MB): it is decoded in the low-priority pool (decode_workers.py).
 LARGE_IMAGE_PIXELS = 4_000_000
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height as the file's header declares it, without decoding; 0 when unreadable."""
-    try:
-        width, height = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
-        return width * height
-    except Exception:
-        return 0
-
-
-def decode_image(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Return the upload as an upright RGB image. With `draft_size`, a JPEG is decoded at the
-    smallest of libjpeg's scales (1/2, 1/4, 1/8) that still covers that size: several times
-    faster for large photos, but not the same pixels (BLIP_JPEG_DRAFT).
-
-    Raises BadRequest (empty), UnsupportedImage (not an accepted image, truncated or corrupt) or
-    PayloadTooLarge (over a limit of `limits`: a decompression bomb, or just too big).
-    """
-    if not data:
-        raise BadRequest("the 'file' field is empty: send an image (" + ACCEPTED_TEXT + ")")
+@contextmanager
+def pillow_errors():
+    """Whatever Pillow, its codecs or EXIF parsing raise on an upload, as the client error it is."""
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check warns, then errors at 2x its limit; ours is stricter.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            limits.check(*image.size)
-            if image.format == "JPEG":
-                check_jpeg_has_its_data(data, *image.size)
-                if draft_size:
-                    image.draft(None, draft_size)
-            image.seek(0)  # animated GIF/WebP: the first frame
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a big image
-            return to_rgb(image)
+            yield
     except ClientError:
         raise
     except Image.DecompressionBombError:
@@ -102,83 +74,93 @@ def decode_image(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] |
     except UnidentifiedImageError:
         raise UnsupportedImage(f"the file is not a supported image: send {ACCEPTED_TEXT}") from None
     except Exception:
-        # Whatever Pillow, its codecs or EXIF parsing raise on these bytes, the bytes are the cause
-        # (truncated, corrupt, malformed metadata). The exception's text is Pillow's, not the client's.
+        # The bytes are the cause (truncated, corrupt, malformed metadata); the exception's text is
+        # Pillow's, not the client's.
         raise UnsupportedImage(
             "the file is not a complete, valid image: send an uncorrupted " + ACCEPTED_TEXT
         ) from None
 
 
-def check_jpeg_has_its_data(data: bytes, width: int, height: int) -> None:
-    """Refuse a JPEG whose first scan is too short to hold its pixels.
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The upload's structure checked (file_checks.py), its header read by Pillow and its size
+    checked against `limits`; nothing decoded yet.
 
-    libjpeg pads a scan that ends early (an EOI marker where data should be) with grey and reports
-    success, so a few hundred bytes can claim 36 megapixels. With Huffman coding every 8x8 block
-    of a scan costs at least one bit, which bounds how short an honest first scan can be.
-    Arithmetic-coded JPEGs (rare) have no such bound and are not checked.
+    Raises BadRequest (empty), UnsupportedImage (not an accepted image, or a structure no camera
+    or editor writes) or PayloadTooLarge (over a limit).
     """
-    scan = first_scan_length(data)
-    if scan is None:
-        return
-    blocks = -(-width // 8) * -(-height // 8)
-    if scan * 8 < blocks:
-        raise UnsupportedImage(
-            f"the JPEG is truncated: it declares {width}x{height} pixels but holds too little data "
-            "for them; send the complete file"
-        )
+    if not data:
+        raise BadRequest("the 'file' field is empty: send an image (" + ACCEPTED_TEXT + ")")
+    check_structure(data)
+    with pillow_errors():
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        limits.check(*image.size)
+        return image
 
 
-HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3}  # baseline, extended, progressive, lossless
+def decode_opened(image: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """An opened upload as an upright RGB image. With `draft_size`, a JPEG is decoded at the
+    smallest of libjpeg's scales (1/2, 1/4, 1/8) that still covers that size: several times
+    faster for large photos, but not the same pixels (BLIP_JPEG_DRAFT)."""
+    with pillow_errors():
+        if image.format in ("JPEG", "MPO") and draft_size:
+            image.draft(None, draft_size)
+        image.seek(0)  # animated GIF/WebP: the first frame
+        image.load()
+        check_exif_sources(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a big image
+        return to_rgb(image)
 
 
-def first_scan_length(data: bytes) -> int | None:
-    """Bytes of entropy-coded data after the first SOS marker, or None when the frame is not
-    Huffman-coded or the marker structure cannot be followed (Pillow judges those)."""
-    position, huffman = 2, False
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            huffman = marker in HUFFMAN_FRAMES
-        if marker == 0xDA:  # start of scan: its data runs to the next marker that is not a restart
-            if not huffman:
-                return None
-            start = end = position + 2 + length
-            while True:
-                end = data.find(b"\xff", end)
-                if end < 0 or end + 1 >= len(data):
-                    return len(data) - start
-                following = data[end + 1]
-                if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte or restart marker
-                    end += 2
-                    continue
-                return end - start
-        position += 2 + length
-    return None
+def decode_image(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes -> upright RGB image, or a ClientError saying why not (open_image, decode_opened)."""
+    return decode_opened(open_image(data, limits), draft_size)
+
+
+def check_exif_sources(image: Image.Image) -> None:
+    """The EXIF block Pillow parses to find the orientation, wherever the file kept it."""
+    if isinstance(image.info.get("exif"), bytes):
+        check_exif(image.info["exif"])
+    raw_profile = image.info.get("Raw profile type exif")  # PNG text: hex after three header lines
+    if isinstance(raw_profile, str):
+        check_exif(bytes.fromhex("".join(raw_profile.split("\n")[3:])))
+
+
+# Conversions run a band of rows at a time: a 40 MP image needs one RGB copy, not several of
+# RGBA or float64 (a 16-bit 40 MP PNG took ~1 GB converted whole).
+BAND_ROWS = 256
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Flatten any mode to RGB; transparency goes onto white, as viewers show it."""
     if image.mode == "RGB":
         return image
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit greyscale: scale to 8 bits rather than clip everything to white.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(values.max(), 1.0)
-        grey = np.clip(values / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        return onto_white(image)
+    if image.mode in WIDE_GREY_MODES:
+        return Image.fromarray(eight_bit_grey(image), "L").convert("RGB")
     return image.convert("RGB")
+
+
+def onto_white(image: Image.Image) -> Image.Image:
+    rgb = Image.new("RGB", image.size)
+    for top in range(0, image.height, BAND_ROWS):
+        band = image.crop((0, top, image.width, min(top + BAND_ROWS, image.height))).convert("RGBA")
+        white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        rgb.paste(Image.alpha_composite(white, band).convert("RGB"), (0, top))
+    return rgb
+
+
+def eight_bit_grey(image: Image.Image) -> np.ndarray:
+    """16/32-bit greyscale scaled to 8 bits (not clipped, which would turn most of it white)."""
+    values = np.asarray(image)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max(initial=0)), 1.0)
+    grey = np.empty(values.shape, np.uint8)
+    for row in range(0, values.shape[0], BAND_ROWS):
+        band = values[row : row + BAND_ROWS].astype(np.float64)
+        grey[row : row + BAND_ROWS] = np.clip(band / top * 255.0, 0, 255).astype(np.uint8)
+    return grey
 
 
 @dataclass(frozen=True)
@@ -222,22 +204,11 @@ class PreparedImage:
 
 
 def prepare_image(data: bytes, limits: ImageLimits, spec: ResizeSpec, jpeg_draft: bool = False) -> PreparedImage:
-    """Decode and resize one upload. Width and height are the decoded image's (with jpeg_draft, a
-    large JPEG's reduced decode)."""
+    """Decode and resize one upload, in this process (the server does it in decode_workers.py's
+    processes). Width and height are the decoded image's (with jpeg_draft, a large JPEG's
+    reduced decode)."""
     image = decode_image(data, limits, (spec.width, spec.height) if jpeg_draft else None)
     return PreparedImage(resize_image(image, spec), image.width, image.height)
-
-
-def lower_thread_priority() -> None:
-    """Run the calling thread only on otherwise idle CPU time (Linux SCHED_IDLE, per thread), so that
-    a large decode never takes a core from the model or from small requests. A lower nice value
-    is not enough: the model's torch threads meet at a barrier in every operation, and a decode
-    that holds one of their cores for a time slice stalls them all (measured on 2 cores: normal
-    requests' p95 went from 0.2 s to 2 s with nice 10 beside 40 MP decodes). No-op elsewhere."""
-    try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
 
 
 def return_freed_memory_to_os() -> None:

@@ -43,9 +43,11 @@ class Settings(BaseSettings):
     max_reading_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # bodies being read and decoded, per API worker
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_side: int = Field(12_000, ge=1)
-    max_aspect_ratio: float = Field(20.0, ge=1.0)
     jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale: faster, not bit-exact
-    max_concurrent_decodes: int = Field(0, ge=0)  # large (over 4 MP) decodes at once; 0: half the cores
+    decode_processes: int = Field(0, ge=0, le=256)  # per API worker, for small images; 0: one per core
+    max_concurrent_decodes: int = Field(0, ge=0, le=256)  # large (over 4 MP) decodes at once; 0: half the cores
+    decode_cpu_s: int = Field(10, ge=1, le=3600)  # CPU seconds one upload's decode may take
+    decode_memory_mb: int = Field(1024, ge=64)  # memory one upload's decode may take
 
     # Time limits
     request_timeout_s: int = Field(120, ge=1)

@@ -30,7 +30,7 @@ def transparent_palette_png() -> bytes:
 
 VALID = {
     "1x1": encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
-    "2000x100": encode(Image.new("RGB", (2000, 100), (10, 200, 10)), "PNG"),  # the widest aspect allowed
+    "4000x30 banner": encode(scene(25, (4000, 30)), "PNG"),  # no aspect-ratio limit (the seed server took it)
     "cmyk jpeg": encode(scene(23).convert("CMYK"), "JPEG"),
     "16-bit png": encode(grey16(24), "PNG"),
     "palette png with transparency": transparent_palette_png(),

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 
+import pytest
 from fastapi import FastAPI, Request
 
 from blip_serve.errors import Unavailable
@@ -135,11 +136,29 @@ def test_request_log_adds_the_id_and_logs_the_status_sent(caplog):
     with caplog.at_level(logging.INFO, logger="bentoml.blip_serve"):
         status, headers, _ = call(app, "/echo", [], headers=[(b"x-request-id", b"abc-1\x07")])
         ok_status, ok_headers, _ = call(app, "/echo", [b"xyz"])
-    assert status == 408 and headers["x-request-id"] == "abc-1"  # unprintable characters dropped
+    assert status == 408 and headers["x-request-id"] == "abc-1_"  # outside [A-Za-z0-9._:-]: replaced
     assert len(ok_headers["x-request-id"]) == 32
     lines = [r.getMessage() for r in caplog.records]
-    assert any("request_id=abc-1 method=POST path=/echo status=408" in line for line in lines)
+    assert any("request_id=abc-1_ method=POST path=/echo status=408" in line for line in lines)
     assert any("status=200" in line and line.endswith("size=3") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [
+        ("abc status=200 path=/admin", "abc_status_200_path__admin"),  # would forge two log fields
+        ("a\r\nfake: line", "a__fake:_line"),
+        ("ok-id_1.2:3", "ok-id_1.2:3"),
+        ("x" * 500, "x" * 128),
+    ],
+)
+def test_a_request_id_cannot_forge_log_fields_or_headers(caplog, sent, kept):
+    app = RequestLog(guarded())
+    with caplog.at_level(logging.INFO, logger="bentoml.blip_serve"):
+        _, headers, _ = call(app, "/echo", [b"xyz"], headers=[(b"x-request-id", sent.encode("latin-1"))])
+    assert headers["x-request-id"] == kept
+    [line] = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
+    assert line.startswith(f"request_id={kept} method=POST path=/echo status=200 ")
 
 
 def test_validation_messages_name_the_field_and_the_fix():

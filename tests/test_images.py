@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from blip_serve.errors import BadRequest, PayloadTooLarge, UnsupportedImage
-from blip_serve.images import ImageLimits, ResizeSpec, decode_image, first_scan_length, prepare_image, resize_image
+from blip_serve.images import ImageLimits, ResizeSpec, decode_image, prepare_image, resize_image
 from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene, upload_corpus
 
 LIMIT = ImageLimits()
@@ -107,19 +107,18 @@ def test_more_pixels_than_the_limit_is_too_large():
         decode_image(bomb, LIMIT)
 
 
-@pytest.mark.parametrize(
-    "size, words",
-    [((12_001, 100), "no side may be over 12,000"), ((2_100, 100), "at most 20 times"), ((1, 21), "at most 20 times")],
-)
-def test_long_sides_and_extreme_aspect_ratios_are_too_large(size, words):
-    # Within the pixel limit, but a resize of a 1-pixel-high strip costs far more than its pixels.
-    with pytest.raises(PayloadTooLarge, match=words):
+@pytest.mark.parametrize("size", [(12_001, 100), (1, 12_001)])
+def test_a_side_over_the_limit_is_too_large(size):
+    with pytest.raises(PayloadTooLarge, match="no side may be over 12,000"):
         decode_image(encode(Image.new("L", size), "PNG"), LIMIT)
 
 
-def test_limits_at_their_edges_are_accepted():
-    assert decode_image(encode(Image.new("L", (2_000, 100)), "PNG"), LIMIT).size == (2_000, 100)
-    assert decode_image(encode(Image.new("L", (12_000, 600)), "PNG"), LIMIT).size == (12_000, 600)
+@pytest.mark.parametrize("size", [(4_000, 30), (12_000, 1), (1, 12_000), (12_000, 600)])
+def test_banners_and_strips_within_the_side_limit_are_accepted(size):
+    """No aspect-ratio limit: the side limit bounds a strip's resize (1x12,000: ~65 ms, ~34 MB)."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0]), dtype=np.uint8))
+    prepared = prepare_image(encode(image, "PNG"), LIMIT, ResizeSpec())
+    assert (prepared.width, prepared.height) == size and prepared.pixels.shape == (3, 384, 384)
 
 
 def test_a_jpeg_whose_data_ends_after_its_header_is_truncated():
@@ -129,13 +128,11 @@ def test_a_jpeg_whose_data_ends_after_its_header_is_truncated():
         decode_image(data, LIMIT)
 
 
-def test_first_scan_length_of_real_jpegs_passes_the_check():
+def test_flat_jpegs_pass_the_truncation_check():
     for quality in (5, 50, 95):
         for progressive in (False, True):
             data = encode(Image.new("L", (1024, 768)), "JPEG", quality=quality, progressive=progressive)
-            blocks = (1024 // 8) * (768 // 8)
-            assert first_scan_length(data) * 8 >= blocks  # even a flat image spends a bit a block
-            assert decode_image(data, LIMIT).size == (1024, 768)
+            assert decode_image(data, LIMIT).size == (1024, 768)  # even a flat image spends a bit a block
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from support import hostile
 from support.clients import batch_histogram, post_caption, post_concurrently
 from support.images import encode, header_only_jpeg, scene, upload_corpus
 
@@ -109,11 +110,16 @@ ERROR_CASES = {
     "header-only jpeg": ({"file": ("h.jpg", header_only_jpeg())}, None, 415, "truncated"),
     "pixel bomb": ({"file": ("b.png", encode(Image.new("L", (12000, 10000)), "PNG"))}, None, 413, "pixels"),
     "side over the limit": ({"file": ("s.png", encode(Image.new("L", (13000, 1000)), "PNG"))}, None, 413, "no side"),
-    "8000x1 strip": (
-        {"file": ("w.png", encode(Image.new("RGB", (8000, 1)), "PNG"))},
+    # Structures no camera or editor writes (blip_serve/file_checks.py; tests/test_file_checks.py)
+    "arithmetic-coded jpeg": ({"file": ("a.jpg", hostile.arithmetic_jpeg())}, None, 415, "arithmetic-coded"),
+    "header-only mpo": ({"file": ("m.jpg", hostile.header_only_mpo())}, None, 415, "truncated"),
+    "rle bmp": ({"file": ("r.bmp", hostile.bmp_rle8(600, 600))}, None, 415, "RLE-compressed"),
+    "empty scans": ({"file": ("s.jpg", hostile.empty_scans(200, (256, 256)))}, None, 415, "more than 100 scans"),
+    "exif entries sharing a blob": (
+        {"file": ("e.png", hostile.amplified_exif("PNG", entries=500, blob_bytes=200_000))},
         None,
         413,
-        "times its short side",
+        "claim 100,000,000 bytes",
     ),
     "prompt + max_new_tokens over the positions": (
         {"file": ("p.jpg", JPEG)},

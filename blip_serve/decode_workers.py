@@ -1,0 +1,311 @@
+"""Uploads are parsed and decoded in child processes, each decode under a CPU and a memory budget
+that the operating system enforces, and killed the moment its request is answered or abandoned.
+
+Why processes and not threads: a thread cannot be stopped inside libjpeg or libtiff, what it
+allocates stays in the API worker's heap, and Pillow's Python parsers hold the GIL while the event
+loop waits. A child process is stopped with one signal, gives all its memory back when it exits,
+and a budget set with setrlimit holds for every format and mode, files nobody has crafted yet
+included. file_checks.py refuses the known attacks early and by name; the budgets bound the rest.
+
+    Decoders       the API worker's side: `await decoders.prepare(data, owner)` -> PreparedImage.
+                   A pool for small images and a low-priority pool for large ones (a small image
+                   never waits behind a large one); in each, a free process goes to the request
+                   with the fewest decodes running, so a /captions of 32 cannot hold them all.
+    python -m blip_serve.decode_workers CONFIG
+                   the child: reads (header, bytes) frames on stdin, answers (header, pixels) on
+                   stdout, exits at end of input. It answers for a large image "large" without
+                   decoding it when asked for small images only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import fcntl
+import json
+import os
+import resource
+import signal
+import struct
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import ClientError, PayloadTooLarge, UnsupportedImage
+
+FRAME = struct.Struct("<II")  # header length, payload length
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What a child needs: the image limits, the model's input size, the budgets."""
+
+    max_pixels: int
+    max_side: int
+    width: int
+    height: int
+    resample: int
+    jpeg_draft: bool
+    cpu_s: int  # CPU seconds one upload may take
+    memory_mb: int  # memory one upload may take, above the child's own
+    large_pixels: int  # over this, an upload goes to the large pool
+    idle_priority: bool = False
+
+
+# The API worker's side.
+class DecodeFailed(Exception):
+    pass
+
+
+class DecodeProcess:
+    """One child: started on first use, replaced when it dies, is killed or has grown."""
+
+    def __init__(self, config: DecodeConfig):
+        self.config = config
+        self.process: asyncio.subprocess.Process | None = None
+        self.starting: asyncio.Task | None = None
+        self.fresh_rss = 0
+
+    async def ready(self) -> None:
+        if self.starting is None:
+            self.starting = asyncio.ensure_future(self.start())
+        await asyncio.shield(self.starting)
+
+    async def start(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "blip_serve.decode_workers",
+            json.dumps(asdict(self.config)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        hello, _ = await self.receive()
+        self.fresh_rss = hello["rss"]
+
+    async def decode(self, data: bytes, large_ok: bool) -> tuple[dict, bytes]:
+        await self.ready()
+        header = json.dumps({"large_ok": large_ok}).encode()
+        try:
+            self.process.stdin.write(FRAME.pack(len(header), len(data)) + header)
+            self.process.stdin.write(data)
+            await self.process.stdin.drain()
+        except ConnectionError:
+            raise DecodeFailed(await self.process.wait()) from None
+        return await self.receive()
+
+    async def receive(self) -> tuple[dict, bytes]:
+        """One answer; DecodeFailed(exit status) when the child died instead (a budget, a crash)."""
+        try:
+            header_length, payload_length = FRAME.unpack(await self.process.stdout.readexactly(FRAME.size))
+            header = json.loads(await self.process.stdout.readexactly(header_length))
+            return header, await self.process.stdout.readexactly(payload_length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise DecodeFailed(await self.process.wait()) from None
+
+    def grown(self, rss: int) -> bool:
+        """Above its fresh size by more than a small decode's worth: replace it, and what a large
+        decode left in its heap goes back to the operating system."""
+        return rss > self.fresh_rss + 64 * 1024 * 1024
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.returncode is None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
+
+class DecodePool:
+    """A fixed number of child processes, handed out in turn to the requests that wait."""
+
+    def __init__(self, size: int, config: DecodeConfig):
+        self.config = config
+        self.idle = [DecodeProcess(config) for _ in range(size)]
+        self.waiting: list[tuple[int, asyncio.Future]] = []
+        self.running: Counter[int] = Counter()
+
+    async def warm_up(self) -> None:
+        await asyncio.gather(*(process.ready() for process in self.idle))
+
+    async def decode(self, data: bytes, owner: int, large_ok: bool) -> tuple[dict, bytes]:
+        process = await self.take(owner)
+        try:
+            header, payload = await process.decode(data, large_ok)
+        except BaseException as exc:  # cancelled (the request is over), or the child died
+            process.kill()
+            self.give_back(DecodeProcess(self.config), owner)
+            if isinstance(exc, DecodeFailed):
+                raise self.failure(exc.args[0]) from None
+            raise
+        if process.grown(header.get("rss", 0)):
+            process.kill()
+            process = DecodeProcess(self.config)
+        self.give_back(process, owner)
+        return header, payload
+
+    def failure(self, returncode: int) -> ClientError:
+        if returncode == -signal.SIGXCPU:
+            return PayloadTooLarge(
+                f"decoding the image took more than {self.config.cpu_s} s of CPU: send a smaller or simpler image"
+            )
+        return UnsupportedImage("the file could not be decoded: send an uncorrupted JPEG, PNG, WebP, GIF, BMP or TIFF")
+
+    async def take(self, owner: int) -> DecodeProcess:
+        if self.idle and not self.waiting:
+            self.running[owner] += 1
+            return self.idle.pop()
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append((owner, turn))
+        try:
+            return await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # handed a process just as the request ended
+                self.give_back(turn.result(), owner)
+            else:
+                self.waiting.remove((owner, turn))
+            raise
+
+    def give_back(self, process: DecodeProcess, owner: int) -> None:
+        """The process goes to the waiting request with the fewest decodes running (the earliest
+        of those), or back to the idle list."""
+        self.running[owner] -= 1
+        if self.running[owner] <= 0:
+            del self.running[owner]
+        if not process.alive():
+            process = DecodeProcess(self.config)
+        if not self.waiting:
+            self.idle.append(process)
+            return
+        chosen = min(self.waiting, key=lambda entry: self.running[entry[0]])
+        self.waiting.remove(chosen)
+        self.running[chosen[0]] += 1
+        chosen[1].set_result(process)
+
+
+class Decoders:
+    """Small uploads in one pool, large ones (over `large_pixels`, as the header declares) in a
+    second, low-priority pool. The small pool reads every header first, so the API process never
+    parses an image."""
+
+    def __init__(self, config: DecodeConfig, small: int, large: int):
+        self.small = DecodePool(small, config)
+        self.large = DecodePool(large, DecodeConfig(**{**asdict(config), "idle_priority": True}))
+
+    async def warm_up(self) -> None:
+        await asyncio.gather(self.small.warm_up(), self.large.warm_up())
+
+    async def prepare(self, data: bytes, owner: int):
+        from .images import PreparedImage  # noqa: PLC0415  (images imports nothing from here)
+
+        header, payload = await self.small.decode(data, owner, large_ok=False)
+        if header.get("large"):
+            header, payload = await self.large.decode(data, owner, large_ok=True)
+        if "error" in header:
+            raise ClientError(header["error"], status_code=header["status"])
+        config = self.small.config
+        pixels = np.frombuffer(payload, np.uint8).reshape(3, config.height, config.width)
+        return PreparedImage(pixels, header["width"], header["height"])
+
+
+# The child's side.
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def address_space_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def widen_pipe(fd: int) -> None:
+    """Pipes hold 64 KB: a 442 KB answer would cross in 7 pieces, each a wake-up of both processes
+    (~4 ms an image, measured in a VM). 1 MB, Linux's default maximum, takes it in one."""
+    try:
+        fcntl.fcntl(fd, 1031, 1024 * 1024)  # F_SETPIPE_SZ
+    except OSError:
+        pass
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the API worker that started it dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def lower_priority() -> None:
+    """Run only on otherwise idle CPU time (Linux SCHED_IDLE), so that a large decode never takes a
+    core from the model or from small uploads. A higher nice value is not enough: the model's
+    torch threads meet at a barrier in every operation, and a decode that holds one of their cores
+    for a time slice stalls them all (measured on 2 cores: normal requests' p95 went from 0.2 s
+    to 2 s with nice 10 beside 40 MP decodes). No-op elsewhere."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def serve(config: DecodeConfig) -> None:
+    from PIL import Image, PngImagePlugin
+
+    from .images import ImageLimits, ResizeSpec, decode_opened, open_image, resize_image, return_freed_memory_to_os
+
+    Image.init()  # every plugin loaded before the memory budget is measured from here
+
+    die_with_parent()
+    if config.idle_priority:
+        lower_priority()
+    return_freed_memory_to_os()
+    warnings.simplefilter("ignore")
+    PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024  # all of a PNG's text chunks, inflated
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    memory = address_space_bytes() + config.memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    limits = ImageLimits(config.max_pixels, config.max_side)
+    spec = ResizeSpec(config.width, config.height, Image.Resampling(config.resample))
+    draft = (config.width, config.height) if config.jpeg_draft else None
+
+    requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print goes to the log, not into the answers
+    for pipe in (requests, answers):
+        widen_pipe(pipe.fileno())
+
+    def answer(header: dict, payload: bytes = b"") -> None:
+        encoded = json.dumps({**header, "rss": resident_bytes()}).encode()
+        answers.write(FRAME.pack(len(encoded), len(payload)) + encoded + payload)
+        answers.flush()
+
+    answer({"ready": True})
+    while head := requests.read(FRAME.size):
+        header_length, payload_length = FRAME.unpack(head)
+        task = json.loads(requests.read(header_length))
+        data = requests.read(payload_length)
+        used = int(time.process_time()) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (used + config.cpu_s, resource.RLIM_INFINITY))
+        try:
+            image = open_image(data, limits)
+            if not task["large_ok"] and image.width * image.height > config.large_pixels:
+                answer({"large": True})
+                continue
+            upright = decode_opened(image, draft)
+            pixels = resize_image(upright, spec)
+            answer({"width": upright.width, "height": upright.height}, pixels.tobytes())
+        except ClientError as exc:
+            answer({"status": exc.status_code, "error": exc.message})
+        except MemoryError:
+            answer({"status": 413, "error": f"the image needs more than {config.memory_mb} MB to decode"})
+        finally:
+            image = upright = pixels = None
+
+
+if __name__ == "__main__":
+    serve(DecodeConfig(**json.loads(sys.argv[1])))
