@@ -428,7 +428,9 @@ async def caption_folder(args: argparse.Namespace, counts: Counter) -> int:
     started = time.monotonic()
     try:
         with out or contextlib.nullcontext() as sink:
-            async with AsyncBlipClient(args.url, api_key=args.api_key, retries=args.retries) as client:
+            async with AsyncBlipClient(
+                args.url, api_key=args.api_key, retries=args.retries, timeout_s=args.timeout
+            ) as client:
                 if todo:
                     await check_server(client, args.url)
                 progress = Progress(len(todo), args.quiet)
@@ -529,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="with --sidecar: replace sidecar files that exist")
     parser.add_argument("--prompt", help="text BLIP continues, for every image")
     parser.add_argument("--retries", type=int, default=8, help="retries of a request that got 502/503/504 or no answer")
+    parser.add_argument("--timeout", type=float, default=130.0, help="seconds for a whole answer to arrive")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.resume and not (args.out or args.sidecar):

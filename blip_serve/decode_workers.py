@@ -28,7 +28,6 @@ import resource
 import signal
 import struct
 import sys
-import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -50,7 +49,7 @@ class DecodeConfig:
     height: int
     resample: int
     jpeg_draft: bool
-    cpu_s: int  # CPU seconds one upload may take
+    cpu_s: float  # CPU seconds one upload may take
     memory_mb: int  # memory one upload may take, above the child's own
     large_pixels: int  # over this, an upload goes to the large pool
     idle_priority: bool = False
@@ -129,37 +128,55 @@ class DecodePool:
         self.config = config
         self.idle = [DecodeProcess(config) for _ in range(size)]
         self.waiting: list[tuple[int, asyncio.Future]] = []
-        self.running: Counter[int] = Counter()
+        self.running: Counter[int] = Counter()  # per request: decodes now
+        self.handed: Counter[int] = Counter()  # per request: processes handed out so far
+        self.retiring: set[asyncio.Future] = set()
 
     async def warm_up(self) -> None:
         await asyncio.gather(*(process.ready() for process in self.idle))
+
+    def retire(self, process: DecodeProcess) -> None:
+        """Kill it, and reap it in the background (once started, if it is still starting)."""
+        if process.starting is not None and not process.starting.done():
+            process.starting.add_done_callback(lambda _: self.retire(process))
+            return
+        process.kill()
+        if process.process is not None:
+            reaped = asyncio.ensure_future(process.process.wait())
+            self.retiring.add(reaped)
+            reaped.add_done_callback(self.retiring.discard)
+
+    async def close(self) -> None:
+        for process in self.idle:
+            self.retire(process)
+        await asyncio.gather(*self.retiring)
 
     async def decode(self, data: bytes, owner: int, large_ok: bool) -> tuple[dict, bytes]:
         process = await self.take(owner)
         try:
             header, payload = await process.decode(data, large_ok)
         except BaseException as exc:  # cancelled (the request is over), or the child died
-            process.kill()
+            self.retire(process)
             self.give_back(DecodeProcess(self.config), owner)
             if isinstance(exc, DecodeFailed):
                 raise self.failure(exc.args[0]) from None
             raise
         if process.grown(header.get("rss", 0)):
-            process.kill()
+            self.retire(process)
             process = DecodeProcess(self.config)
         self.give_back(process, owner)
         return header, payload
 
     def failure(self, returncode: int) -> ClientError:
-        if returncode == -signal.SIGXCPU:
+        if returncode == -signal.SIGPROF:
             return PayloadTooLarge(
-                f"decoding the image took more than {self.config.cpu_s} s of CPU: send a smaller or simpler image"
+                f"decoding the image took more than {self.config.cpu_s:g} s of CPU: send a smaller or simpler image"
             )
         return UnsupportedImage("the file could not be decoded: send an uncorrupted JPEG, PNG, WebP, GIF, BMP or TIFF")
 
     async def take(self, owner: int) -> DecodeProcess:
         if self.idle and not self.waiting:
-            self.running[owner] += 1
+            self.hand_to(owner)
             return self.idle.pop()
         turn = asyncio.get_running_loop().create_future()
         self.waiting.append((owner, turn))
@@ -170,23 +187,31 @@ class DecodePool:
                 self.give_back(turn.result(), owner)
             else:
                 self.waiting.remove((owner, turn))
+                self.forget_if_done(owner)
             raise
 
+    def hand_to(self, owner: int) -> None:
+        self.running[owner] += 1
+        self.handed[owner] += 1
+
     def give_back(self, process: DecodeProcess, owner: int) -> None:
-        """The process goes to the waiting request with the fewest decodes running (the earliest
-        of those), or back to the idle list."""
+        """The process goes to the waiting request with the fewest decodes running, then the
+        fewest handed out so far (turn by turn), then the earliest; or back to the idle list."""
         self.running[owner] -= 1
-        if self.running[owner] <= 0:
-            del self.running[owner]
+        self.forget_if_done(owner)
         if not process.alive():
             process = DecodeProcess(self.config)
         if not self.waiting:
             self.idle.append(process)
             return
-        chosen = min(self.waiting, key=lambda entry: self.running[entry[0]])
+        chosen = min(self.waiting, key=lambda entry: (self.running[entry[0]], self.handed[entry[0]]))
         self.waiting.remove(chosen)
-        self.running[chosen[0]] += 1
+        self.hand_to(chosen[0])
         chosen[1].set_result(process)
+
+    def forget_if_done(self, owner: int) -> None:
+        if self.running[owner] <= 0 and not any(waiter == owner for waiter, _ in self.waiting):
+            del self.running[owner], self.handed[owner]
 
 
 class Decoders:
@@ -200,6 +225,10 @@ class Decoders:
 
     async def warm_up(self) -> None:
         await asyncio.gather(self.small.warm_up(), self.large.warm_up())
+
+    async def close(self) -> None:
+        """Stop the idle processes (a busy one ends with its request; all end with this process)."""
+        await asyncio.gather(self.small.close(), self.large.close())
 
     async def prepare(self, data: bytes, owner: int):
         from .images import PreparedImage  # noqa: PLC0415  (images imports nothing from here)
@@ -289,8 +318,9 @@ def serve(config: DecodeConfig) -> None:
         header_length, payload_length = FRAME.unpack(head)
         task = json.loads(requests.read(header_length))
         data = requests.read(payload_length)
-        used = int(time.process_time()) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (used + config.cpu_s, resource.RLIM_INFINITY))
+        # The CPU budget: SIGPROF, whose default action ends the process, after cpu_s of this
+        # process's CPU time, wherever it is (inside libjpeg too).
+        signal.setitimer(signal.ITIMER_PROF, config.cpu_s)
         try:
             image = open_image(data, limits)
             if not task["large_ok"] and image.width * image.height > config.large_pixels:
@@ -304,6 +334,7 @@ def serve(config: DecodeConfig) -> None:
         except MemoryError:
             answer({"status": 413, "error": f"the image needs more than {config.memory_mb} MB to decode"})
         finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
             image = upright = pixels = None
 
 

@@ -139,8 +139,10 @@ def check_png(data: bytes) -> None:
         body = data[position + 8 : position + 8 + length]
         if kind == b"IHDR" and len(body) >= 13:
             header = struct.unpack_from(">IIBB", body)
-        elif kind in (b"IDAT", b"fdAT"):
-            image_bytes += length if kind == b"IDAT" else 0
+        elif kind == b"IDAT":
+            image_bytes += len(body)  # what is there, not what the length claims
+        elif kind == b"fdAT":
+            pass
         elif kind == b"IEND":
             break
         else:

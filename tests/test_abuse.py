@@ -18,6 +18,7 @@ from PIL import Image
 
 from load_test.client import percentile
 from load_test.servers import BentoServer
+from support import hostile
 from support.clients import multipart_head
 from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene
 from support.nginx import NginxServer
@@ -207,6 +208,12 @@ def api_worker(server) -> psutil.Process:
     return workers[0]
 
 
+def api_memory(server) -> int:
+    """Resident memory of the API worker and its decode processes."""
+    worker = api_worker(server)
+    return sum(p.memory_info().rss for p in [worker, *worker.children(recursive=True)])
+
+
 async def normal_traffic(url: str, count: int, concurrency: int) -> list[tuple[int, float]]:
     async with httpx.AsyncClient(timeout=120) as client:
         slots = asyncio.Semaphore(concurrency)
@@ -241,8 +248,7 @@ def test_costly_uploads_do_not_starve_normal_requests_or_keep_memory(strict_serv
     ] * 2
     asyncio.run(normal_traffic(url, 20, 4))  # warm-up
     asyncio.run(bombs(url, bomb_uploads, 1))
-    worker = api_worker(strict_server)
-    rss_start = worker.memory_info().rss
+    rss_start = api_memory(strict_server)
 
     quiet = asyncio.run(normal_traffic(url, 60, 4))
 
@@ -250,13 +256,13 @@ def test_costly_uploads_do_not_starve_normal_requests_or_keep_memory(strict_serv
         return await asyncio.gather(normal_traffic(url, 60, 4), bombs(url, bomb_uploads, 3))
 
     attacked, bomb_statuses = asyncio.run(under_attack())
-    rss_end = worker.memory_info().rss
+    rss_end = api_memory(strict_server)
 
     quiet_p95 = percentile([t for _, t in quiet], 95)
     attacked_p95 = percentile([t for _, t in attacked], 95)
     print(
         f"normal p95 quiet {quiet_p95:.3f} s, under attack {attacked_p95:.3f} s; bombs {dict(Counter(bomb_statuses))}; "
-        f"API worker RSS {rss_start >> 20} -> {rss_end >> 20} MB"
+        f"API worker and decode processes RSS {rss_start >> 20} -> {rss_end >> 20} MB"
     )
     assert [s for s, _ in quiet + attacked] == [200] * 120
     assert max(bomb_statuses) < 500 and set(bomb_statuses) == {200, 415}
@@ -269,3 +275,107 @@ def test_the_api_worker_loads_no_torch(strict_server):
     maps = Path(f"/proc/{worker.pid}/maps").read_text()
     print(f"API worker RSS {worker.memory_info().rss >> 20} MB")
     assert "libtorch" not in maps
+
+
+# One generator per class of hostile file (tests/support/hostile.py), at sizes near the limits:
+# (file, the statuses it may get).
+HOSTILE_CLASSES = {
+    "quadratic: EXIF header repeated, 2 MB": (hostile.exif_prefix_repeated(2_000_000), {415}),
+    "quadratic: 2.6M empty APP segments": (hostile.empty_app_segments(2_600_000), {415}),
+    "quadratic: 870k empty PNG chunks": (hostile.empty_png_chunks(870_000), {415}),
+    "quadratic: GIF comment in 1-byte blocks": (hostile.gif_comment_in_tiny_blocks(1_000_000), {415}),
+    "amplification: EXIF in JPEG": (hostile.amplified_exif("JPEG", 2_700, 30_000), {413, 415}),
+    "amplification: TIFF tags": (hostile.amplified_tiff(900, 1_000_000), {413}),
+    "amplification: MPF index": (hostile.mpf_index(900, 50_000), {413}),
+    "decode: 100+ empty scans": (hostile.empty_scans(2_000), {415}),
+    "bypass: header-only MPO": (hostile.header_only_mpo(), {415}),
+    "bypass: arithmetic JPEG": (hostile.arithmetic_jpeg(), {415}),
+    "cost: 16-bit grey PNG, 40 MP": (hostile.flat_png("I;16", 6_324), {200}),
+    "cost: RGBA PNG, 40 MP": (hostile.flat_png("RGBA", 6_324), {200}),
+    "cost: TIFF tile of 16k x 16k": (hostile.tiff_one_big_tile(16_384), {415}),
+    "cost: RLE BMP": (hostile.bmp_rle8(6_000, 6_000), {415}),
+}
+
+
+async def hostile_uploads(url: str, rounds: int) -> list[tuple[str, int, float]]:
+    """Every class at once, `rounds` times: (class, status, seconds)."""
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def one(name: str, data: bytes) -> tuple[str, int, float]:
+            started = time.perf_counter()
+            response = await client.post(f"{url}/caption", files={"file": ("h", data)})
+            return name, response.status_code, time.perf_counter() - started
+
+        results = []
+        for _ in range(rounds):
+            results += await asyncio.gather(*(one(name, data) for name, (data, _) in HOSTILE_CLASSES.items()))
+        return results
+
+
+def test_every_class_of_hostile_file_is_answered_while_normal_requests_stay_fast(strict_server):
+    url = strict_server.url
+    asyncio.run(normal_traffic(url, 20, 2))  # warm-up
+    asyncio.run(hostile_uploads(url, 1))
+    rss_start = api_memory(strict_server)
+    quiet = asyncio.run(normal_traffic(url, 40, 2))
+
+    async def under_attack():
+        return await asyncio.gather(normal_traffic(url, 40, 2), hostile_uploads(url, 2))
+
+    attacked, hostile_results = asyncio.run(under_attack())
+    rss_end = api_memory(strict_server)
+    quiet_p95 = percentile([t for _, t in quiet], 95)
+    attacked_p95 = percentile([t for _, t in attacked], 95)
+    slowest = max(hostile_results, key=lambda result: result[2])
+    print(
+        f"normal p95 quiet {quiet_p95:.3f} s, beside every hostile class {attacked_p95:.3f} s; slowest hostile "
+        f"answer {slowest[2]:.2f} s ({slowest[0]}); API worker and decode processes RSS "
+        f"{rss_start >> 20} -> {rss_end >> 20} MB"
+    )
+    assert [s for s, _ in quiet + attacked] == [200] * 80
+    wrong = [(name, status) for name, status, _ in hostile_results if status not in HOSTILE_CLASSES[name][1]]
+    assert not wrong
+    assert slowest[2] < 30
+    assert attacked_p95 < 2 * max(quiet_p95, 0.05)
+    assert rss_end < rss_start * 1.5
+
+
+def test_a_captions_request_of_heavy_images_does_not_hold_every_decode(strict_server):
+    """Six 40 MP images in one /captions take turns in the large-image pool; a /caption of a small
+    image beside them is decoded at once by the small-image pool."""
+    url = strict_server.url
+    heavy = [("file", (f"h{i}.png", hostile.flat_png("RGBA", 6_324))) for i in range(6)]
+
+    async def both():
+        async with httpx.AsyncClient(timeout=120) as client:
+            batch = asyncio.create_task(client.post(f"{url}/captions", files=heavy))
+            await asyncio.sleep(1.0)
+            small = await normal_traffic(url, 10, 1)
+            return await batch, small
+
+    batch, small = asyncio.run(both())
+    assert batch.status_code == 200 and all(entry.get("caption") for entry in batch.json()["captions"])
+    assert [s for s, _ in small] == [200] * 10
+    assert max(t for _, t in small) < 2.0, small
+
+
+def test_memory_goes_back_after_a_burst_of_captions_requests(strict_server):
+    """100 concurrent /captions of 8 photos each (most refused with 503: the queue is bounded),
+    then the API worker and its decode processes are back within 2x their resident size."""
+    url = strict_server.url
+    photos = [("file", (f"p{i}.jpg", encode(scene(60 + i, (1600, 1200)), "JPEG"))) for i in range(8)]
+    asyncio.run(normal_traffic(url, 10, 2))
+    fresh = api_memory(strict_server)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            answers = await asyncio.gather(*(client.post(f"{url}/captions", files=photos) for _ in range(100)))
+            return Counter(answer.status_code for answer in answers)
+
+    statuses = asyncio.run(burst())
+    peak = api_memory(strict_server)
+    time.sleep(5)
+    after = api_memory(strict_server)
+    print(f"statuses {dict(statuses)}; API worker and decode processes RSS {fresh >> 20} -> {after >> 20} MB")
+    assert set(statuses) <= {200, 503} and statuses[200] > 0
+    assert after <= 2 * fresh, f"{fresh >> 20} MB fresh, {peak >> 20} MB after the burst, {after >> 20} MB 5 s later"

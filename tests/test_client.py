@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -262,9 +263,15 @@ def test_sidecar_plan_refuses_clashes_and_files_it_did_not_write(tmp_path):
     assert plan_sidecars(images, resume=False, overwrite=True) == (images, [])
 
 
-def run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
+GIB = 1 << 30
+
+
+def run_cli(url: str, *args: str, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """blip-caption in a process of its own; with `memory_limit`, its address space is capped (a
+    client that read a 1 GiB answer into memory would fail with a MemoryError)."""
     command = [sys.executable, "-m", "blip_serve.client", *args, "--url", url]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))) if memory_limit else None
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limit)
 
 
 def test_a_closed_port_fails_at_once_and_says_why(tmp_path):
@@ -306,6 +313,103 @@ def fake_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
+
+
+@pytest.fixture
+def misbehaving_server():
+    """/readyz 200; POST /captions answers as `misbehaving_server.mode` says, never as blip-serve."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send(200, b'{"status": "ok"}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            first = {"filename": "a", "caption": "a caption"}
+            mode = server.mode
+            if mode == "short list":
+                self.send(200, json.dumps({"captions": [first]}).encode())
+            elif mode == "html":
+                self.send(200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+            elif mode == "wrong shape":
+                self.send(200, json.dumps({"captions": {"a": "b"}}).encode())
+            elif mode == "caption not a string":
+                self.send(200, json.dumps({"captions": [{"filename": "a", "caption": 5}] * 3}).encode())
+            elif mode == "drip":
+                self.send_response(200)
+                self.send_header("content-length", "1000")
+                self.end_headers()
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            elif mode == "1 GiB":
+                self.send_response(200)
+                self.send_header("content-length", str(1 << 30))
+                self.end_headers()
+                chunk = b"[" * (1 << 20)
+                for _ in range(1024):
+                    self.wfile.write(chunk)
+            elif mode == "gzip bomb":
+                self.send(200, gzip.compress(b" " * (512 << 20), 9), encoding="gzip")
+
+        def send(self, status, body, content_type="application/json", encoding=None):
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            if encoding:
+                self.send_header("content-encoding", encoding)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+MISBEHAVIOURS = {
+    # mode: (images captioned of 3, words in each failure)
+    "short list": (1, "no result for this image"),
+    "html": (0, "not blip-serve's JSON: <html><body><h1>502 Bad Gateway"),
+    "wrong shape": (0, 'no "captions" list'),
+    "caption not a string": (0, "not blip-serve's shape"),
+    "drip": (0, "no complete answer within 3 s"),
+    "1 GiB": (0, "answer is over 8 MB"),
+    "gzip bomb": (0, "compressed answer"),
+}
+
+
+@pytest.mark.parametrize("mode", MISBEHAVIOURS)
+def test_blip_caption_trusts_no_answer(misbehaving_server, tmp_path, mode):
+    """Every image ends in the output with a caption or an error, the run ends in bounded time and
+    memory, and the exit status says that images failed; never a traceback."""
+    misbehaving_server.mode = mode
+    captioned, words = MISBEHAVIOURS[mode]
+    make_folder(tmp_path / "photos", count=3, bad=0)
+    out = tmp_path / "o.jsonl"
+    started = time.monotonic()
+    result = run_cli(
+        misbehaving_server.url, str(tmp_path / "photos"), "--out", str(out), "--timeout", "3", memory_limit=GIB
+    )
+    took = time.monotonic() - started
+    rows = records(out)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(rows) == 3 and len({row["path"] for row in rows}) == 3
+    assert sum("caption" in row for row in rows) == captioned
+    assert all(words in row["error"] for row in rows if "caption" not in row), rows
+    assert took < 30
 
 
 def test_a_missing_api_key_stops_the_run_with_one_line(fake_server, tmp_path):

@@ -5,7 +5,7 @@ with a size knob. None of these is a fixed sample: they build the structure an a
                           gif_comment_in_tiny_blocks
     metadata amplification  amplified_exif (in JPEG, PNG or WebP), amplified_tiff, mpf_index
     unbounded decode      empty_scans (progressive JPEG)
-    check bypass          header_only_mpo, arithmetic_jpeg
+    check bypass          header_only_mpo, arithmetic_jpeg, truncated_png
     cost                  flat_png (16-bit grey, RGBA), tiff_one_big_tile, bmp_rle8
 """
 
@@ -59,6 +59,14 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 def empty_png_chunks(count: int) -> bytes:
     png = encode(scene(4, (64, 48)), "PNG")
     return png[:33] + png_chunk(b"prVt", b"") * count + png[33:]  # after the 8-byte signature and IHDR
+
+
+def truncated_png(side: int) -> bytes:
+    """A side x side PNG whose image data is cut to its first 20 bytes, with valid chunks."""
+    png = encode(Image.new("L", (side, side), 90), "PNG")
+    (length,) = struct.unpack_from(">I", png, 33)
+    assert png[37:41] == b"IDAT"
+    return png[:33] + png_chunk(b"IDAT", png[41 : 41 + min(20, length)]) + png_chunk(b"IEND", b"")
 
 
 def gif_comment_in_tiny_blocks(comment_bytes: int) -> bytes:
