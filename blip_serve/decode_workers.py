@@ -95,7 +95,7 @@ class DecodeProcess:
             self.process.stdin.write(FRAME.pack(len(header), len(data)) + header)
             self.process.stdin.write(data)
             await self.process.stdin.drain()
-        except ConnectionError:
+        except (ConnectionError, RuntimeError):  # the child is gone: its pipe is broken, or closed
             raise DecodeFailed(await self.process.wait()) from None
         return await self.receive()
 
@@ -291,6 +291,10 @@ def serve(config: DecodeConfig) -> None:
     Image.init()  # every plugin loaded before the memory budget is measured from here
 
     die_with_parent()
+    # A drain's SIGTERM and a terminal's Ctrl-C reach the whole process group: this process ends
+    # when its API worker does (end of input), after the requests in flight are answered.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.idle_priority:
         lower_priority()
     return_freed_memory_to_os()

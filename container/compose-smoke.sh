@@ -8,7 +8,7 @@
 # packages) and this repo's venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source container/smoke-env.sh
+PREREQUISITES=compose source container/smoke-env.sh
 nginx_image=localhost/blip-serve-nginx:bookworm
 export BLIP_IMAGE=localhost/blip-serve:compose
 start=$(seconds)

@@ -1,5 +1,6 @@
 # Sourced by container/smoke.sh and container/compose-smoke.sh (from the repo root): this project's
 # container store and settings, the base image, and the model imported into a BentoML home of its own.
+container/check-prerequisites.sh ${PREREQUISITES:-} || exit 1
 export BUILDAH_ISOLATION=chroot
 export CONTAINERS_STORAGE_CONF=${CONTAINERS_STORAGE_CONF:-$PWD/container/storage.conf}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/container/containers.conf}

@@ -32,9 +32,7 @@ def readyz() -> dict:
 @app.post("/caption")
 def caption(file: UploadFile) -> dict:
     try:
-        image = decode_image(
-            file.file.read(), ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_aspect_ratio)
-        )
+        image = decode_image(file.file.read(), ImageLimits(settings.max_image_pixels, settings.max_image_side))
     except ClientError as exc:
         raise HTTPException(exc.status_code, exc.message) from None
     with torch.inference_mode():
