@@ -49,10 +49,17 @@ class DecodeConfig:
     height: int
     resample: int
     jpeg_draft: bool
-    cpu_s: float  # CPU seconds one upload may take
+    cpu_s: float  # CPU seconds the decode of an upload of max_pixels may take; fewer pixels, less
     memory_mb: int  # memory one upload may take, above the child's own
     large_pixels: int  # over this, an upload goes to the large pool
     idle_priority: bool = False
+
+    def cpu_budget(self, pixels: int) -> float:
+        """CPU seconds for decoding an image of `pixels`: cpu_s at max_pixels, in proportion below."""
+        return max(self.least_cpu_s(), self.cpu_s * pixels / self.max_pixels)
+
+    def least_cpu_s(self) -> float:
+        return min(self.cpu_s, 1.0)
 
 
 # The API worker's side.
@@ -170,7 +177,9 @@ class DecodePool:
     def failure(self, returncode: int) -> ClientError:
         if returncode == -signal.SIGPROF:
             return PayloadTooLarge(
-                f"decoding the image took more than {self.config.cpu_s:g} s of CPU: send a smaller or simpler image"
+                "decoding the image took more CPU time than the server allows for its size "
+                f"({self.config.cpu_s:g} s for {self.config.max_pixels / 1e6:g} MP, in proportion for fewer "
+                "pixels): send it as an ordinary JPEG or PNG"
             )
         return UnsupportedImage("the file could not be decoded: send an uncorrupted JPEG, PNG, WebP, GIF, BMP or TIFF")
 
@@ -249,6 +258,14 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def address_space_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -313,7 +330,7 @@ def serve(config: DecodeConfig) -> None:
         widen_pipe(pipe.fileno())
 
     def answer(header: dict, payload: bytes = b"") -> None:
-        encoded = json.dumps({**header, "rss": resident_bytes()}).encode()
+        encoded = json.dumps({**header, "rss": resident_bytes(), "peak": peak_resident_bytes()}).encode()
         answers.write(FRAME.pack(len(encoded), len(payload)) + encoded + payload)
         answers.flush()
 
@@ -322,14 +339,17 @@ def serve(config: DecodeConfig) -> None:
         header_length, payload_length = FRAME.unpack(head)
         task = json.loads(requests.read(header_length))
         data = requests.read(payload_length)
-        # The CPU budget: SIGPROF, whose default action ends the process, after cpu_s of this
-        # process's CPU time, wherever it is (inside libjpeg too).
-        signal.setitimer(signal.ITIMER_PROF, config.cpu_s)
+        # The CPU budget: SIGPROF, whose default action ends the process, after so much of this
+        # process's CPU time, wherever it is (inside libjpeg too). Reading the header gets the
+        # least; the decode a share of cpu_s in proportion to its pixels, so that a small image
+        # that decodes slowly holds a process for a second, not for a 40 MP photo's budget.
+        signal.setitimer(signal.ITIMER_PROF, config.least_cpu_s())
         try:
             image = open_image(data, limits)
             if not task["large_ok"] and image.width * image.height > config.large_pixels:
                 answer({"large": True})
                 continue
+            signal.setitimer(signal.ITIMER_PROF, config.cpu_budget(image.width * image.height))
             upright = decode_opened(image, draft)
             pixels = resize_image(upright, spec)
             answer({"width": upright.width, "height": upright.height}, pixels.tobytes())

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale: faster, not bit-exact
     decode_processes: int = Field(0, ge=0, le=256)  # per API worker, for small images; 0: one per core
     max_concurrent_decodes: int = Field(0, ge=0, le=256)  # large (over 4 MP) decodes at once; 0: half the cores
-    decode_cpu_s: float = Field(10.0, gt=0, le=3600)  # CPU seconds one upload's decode may take
+    decode_cpu_s: float = Field(10.0, gt=0, le=3600)  # CPU seconds for a max_image_pixels decode; in proportion below
     decode_memory_mb: int = Field(1024, ge=64)  # memory one upload's decode may take
 
     # Time limits

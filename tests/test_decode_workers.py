@@ -108,7 +108,8 @@ def test_the_cpu_budget_ends_a_decode_and_the_pool_goes_on():
         return caught.value, took, before, pids(decoders), after
 
     error, took, before, after_pids, prepared = run(go())
-    assert error.status_code == 413 and "more than 0.2 s of CPU" in error.message
+    assert error.status_code == 413 and "more CPU time than the server allows for its size" in error.message
+    assert "(0.2 s for 40 MP" in error.message
     assert took < 5, "the budget ends the decode, not the whole inflate and composite"
     assert before != after_pids, "the process that ran out of budget was replaced"
     assert prepared.pixels.shape == (3, 384, 384)
@@ -220,3 +221,39 @@ def test_decode_processes_exit_with_their_parent():
     while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in children):
         time.sleep(0.05)
     assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_the_cpu_budget_grows_with_the_pixels_from_one_second():
+    budget = config(cpu_s=10.0).cpu_budget
+    assert budget(40_000_000) == 10.0 and budget(12_000_000) == 3.0
+    assert budget(4_000_000) == 1.0 and budget(100) == 1.0  # a small image that decodes slowly: 1 s
+    assert config(cpu_s=0.2).cpu_budget(100) == 0.2
+
+
+# The costliest uploads that are accepted (README, Limits and errors): peak resident memory of a
+# fresh decode process, above its own size, stays under the figure the README gives.
+COSTLY = {
+    "40 MP 16-bit grey PNG": (lambda: hostile.flat_png("I;16", 6_324), 400),
+    "40 MP RGBA PNG": (lambda: hostile.flat_png("RGBA", 6_324), 400),
+    "40 MP progressive JPEG": (lambda: encode(scene(1, (6_324, 6_324)), "JPEG", quality=95, progressive=True), 400),
+    "36 MP WebP": (lambda: encode(scene(2, (6_000, 6_000)), "WEBP", quality=90), 700),
+}
+
+
+@pytest.mark.parametrize("name", COSTLY)
+def test_the_costliest_accepted_uploads_stay_within_their_memory_figure(name):
+    build, megabytes = COSTLY[name]
+
+    async def go():
+        decoders = await started()
+        [process] = decoders.large.idle
+        await process.ready()
+        fresh = psutil.Process(process.process.pid).memory_info().rss
+        header, _ = await decoders.large.decode(build(), owner=1, large_ok=True)
+        return header, fresh
+
+    header, fresh = run(go())
+    assert "width" in header, header
+    grew = (header["peak"] - fresh) >> 20
+    print(f"{name}: +{grew} MB at the decode's peak")
+    assert grew < megabytes
