@@ -285,39 +285,8 @@ def test_a_closed_port_fails_at_once_and_says_why(tmp_path):
 
 @pytest.fixture
 def fake_server():
-    """Not a blip-serve: /readyz says 200, /captions answers what `fake_server.status` says."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.answer(200 if self.path == "/readyz" and server.ready else 404)
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            self.answer(server.status)
-
-        def answer(self, status):
-            body = json.dumps({"error": "missing or wrong API key"}).encode()
-            self.send_response(status)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.status, server.ready = 401, True
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-
-
-@pytest.fixture
-def misbehaving_server():
-    """/readyz 200; POST /captions answers as `misbehaving_server.mode` says, never as blip-serve."""
+    """Not a blip-serve: GET /readyz answers 200 (404 with `ready` False); POST answers as `mode`
+    says: "401" (the default), or one of MISBEHAVIOURS."""
     import gzip
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -326,13 +295,15 @@ def misbehaving_server():
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
-            self.send(200, b'{"status": "ok"}')
+            self.send(200 if self.path == "/readyz" and server.ready else 404, b'{"status": "ok"}')
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length", 0)))
             first = {"filename": "a", "caption": "a caption"}
             mode = server.mode
-            if mode == "short list":
+            if mode == "401":
+                self.send(401, json.dumps({"error": "missing or wrong API key"}).encode())
+            elif mode == "short list":
                 self.send(200, json.dumps({"captions": [first]}).encode())
             elif mode == "html":
                 self.send(200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
@@ -372,6 +343,7 @@ def misbehaving_server():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    server.mode, server.ready = "401", True
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
@@ -391,17 +363,15 @@ MISBEHAVIOURS = {
 
 
 @pytest.mark.parametrize("mode", MISBEHAVIOURS)
-def test_blip_caption_trusts_no_answer(misbehaving_server, tmp_path, mode):
+def test_blip_caption_trusts_no_answer(fake_server, tmp_path, mode):
     """Every image ends in the output with a caption or an error, the run ends in bounded time and
     memory, and the exit status says that images failed; never a traceback."""
-    misbehaving_server.mode = mode
+    fake_server.mode = mode
     captioned, words = MISBEHAVIOURS[mode]
     make_folder(tmp_path / "photos", count=3, bad=0)
     out = tmp_path / "o.jsonl"
     started = time.monotonic()
-    result = run_cli(
-        misbehaving_server.url, str(tmp_path / "photos"), "--out", str(out), "--timeout", "3", memory_limit=GIB
-    )
+    result = run_cli(fake_server.url, str(tmp_path / "photos"), "--out", str(out), "--timeout", "3", memory_limit=GIB)
     took = time.monotonic() - started
     rows = records(out)
     assert result.returncode == 1, result.stderr
