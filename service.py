@@ -25,7 +25,7 @@ import time
 
 import bentoml
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from blip_serve import __version__, home_lock, server_patches
@@ -35,6 +35,7 @@ from blip_serve.docs import DESCRIPTION, openapi_document
 from blip_serve.docs import PAGE as DOCS_PAGE
 from blip_serve.drain import CaptionsInFlight, Drain, api_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
+from blip_serve.fetch import fetch_image
 from blip_serve.http import (
     CallerGone,
     JsonErrors,
@@ -47,12 +48,15 @@ from blip_serve.http import (
 from blip_serve.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec, return_freed_memory_to_os
 from blip_serve.jobs import CaptionJob, CaptionResult
 from blip_serve.model_client import model_service_ready, send_jobs
-from blip_serve.model_files import describe_source, model_dir, model_source
+from blip_serve.model_files import describe_source, model_dir, model_source, served_model_id
+from blip_serve.openai_api import chat_completions_body, completion, completion_chunks, model_list, read_chat_request
 from blip_serve.settings import load_settings
 from blip_serve.text_limits import TextLimits
 from blip_serve.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
 
 settings = load_settings()  # a bad BLIP_* value stops the server here, with one line
+FETCH_HOSTS = settings.fetch_hosts()  # image URLs /v1/chat/completions may fetch: none by default
+STARTED = int(time.time())
 if home_lock.is_serve_supervisor():  # a second server under this BENTOML_HOME would wipe our /metrics
     home_lock.take()
 
@@ -201,6 +205,7 @@ class CaptionAPI:
         server_patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
         files = model_dir(self.model_files)
         self.uploads = UploadReader(settings)
+        self.model_id = settings.served_model_name or served_model_id(self.model_files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
         self.model_loaded = False
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
@@ -276,9 +281,39 @@ class CaptionAPI:
     async def post_caption(self, request: Request) -> CaptionResponse:
         check_api_key(request)
         upload, options = await self.uploads.read_one(request)
+        result = await self.caption_one(request, upload.data, options)
+        return CaptionResponse(caption=result.caption)
+
+    @app.post("/v1/chat/completions", openapi_extra=chat_completions_body())
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI's chat completions: the last user message's image_url (and text, the prompt)
+        captioned by the same path as /caption (blip_serve/openai_api.py)."""
+        check_api_key(request)
+        call = read_chat_request(await self.uploads.read_json_body(request), self.model_id, bool(FETCH_HOSTS))
+        data = call.image
+        if data is None:
+            data = await fetch_image(
+                call.url, FETCH_HOSTS, settings.max_upload_bytes, settings.fetch_timeout_s, settings.fetch_allow_private
+            )
+        options = self.uploads.chat_options(call.prompt, call.max_new_tokens)
+        result = await self.caption_one(request, data, options)
+        answer = (self.model_id, result.caption, result.stopped, self.text_limits.start_length(options.prompt))
+        if call.stream:
+            events = completion_chunks(*answer, result.new_tokens, call.include_usage)
+            return StreamingResponse(iter(events), media_type="text/event-stream")
+        return JSONResponse(completion(*answer, result.new_tokens))
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        """OpenAI's model list: the one model this server serves."""
+        check_api_key(request)
+        return JSONResponse(model_list(self.model_id, STARTED))
+
+    async def caption_one(self, request: Request, data: bytes, options: CaptionOptions) -> CaptionResult:
+        """One image's caption, or its error raised: the path every single-image route takes."""
         self.text_limits.check(options.prompt, options.max_new_tokens)  # before the queue
         started = time.perf_counter()
-        image = await self.prepare(upload.data, request)
+        image = await self.prepare(data, request)
         decoded = time.perf_counter()
         [result] = await send_jobs(
             self.model.to_async.caption_batch, [caption_job(image, options)], settings.request_timeout_s
@@ -290,7 +325,7 @@ class CaptionAPI:
         )
         if result.status != 200:
             raise ServiceError(result.error, status_code=result.status)
-        return CaptionResponse(caption=result.caption)
+        return result
 
     @app.post("/captions", response_model=CaptionsResponse, openapi_extra=captions_body(settings))
     async def post_captions(self, request: Request) -> CaptionsResponse:
@@ -339,7 +374,11 @@ def caption_job(image: PreparedImage, options: CaptionOptions) -> CaptionJob:
 app.add_middleware(
     RequestGuard,
     max_bytes=settings.max_upload_bytes,
-    path_max_bytes={"/captions": settings.max_request_bytes},
+    # A /v1/chat/completions body holds the image in base64: a third larger, plus the messages.
+    path_max_bytes={
+        "/captions": settings.max_request_bytes,
+        "/v1/chat/completions": settings.max_upload_bytes * 4 // 3 + 1024 * 1024,
+    },
     body_timeout_s=settings.body_timeout_s,
     request_timeout_s=settings.request_timeout_s,
     max_reading_bytes=settings.max_reading_bytes,

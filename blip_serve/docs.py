@@ -14,8 +14,10 @@ from . import __version__
 
 DESCRIPTION = (
     "Image captions from Salesforce's BLIP. POST an image to /caption (multipart field `file`, JSON "
-    "base64, or the raw body), or up to 32 to /captions. Every error is a JSON object "
-    '`{"error": "..."}` with the status given for each route; GET /info says which model serves.'
+    "base64, or the raw body), or up to 32 to /captions; or use OpenAI's chat completions API at "
+    "/v1/chat/completions (an image_url part) and /v1/models. Every error is a JSON object "
+    '`{"error": "..."}` with the status given for each route (on /v1/..., OpenAI\'s error shape); '
+    "GET /info says which model serves."
 )
 
 HEALTH = {

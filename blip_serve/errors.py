@@ -9,10 +9,17 @@ class ServiceError(Exception):
 
     status_code = 500
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None, status_code: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        headers: dict[str, str] | None = None,
+        status_code: int | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request parameter at fault, where there is one (OpenAI's error shape names it)
         if status_code is not None:
             self.status_code = status_code
 

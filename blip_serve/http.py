@@ -30,7 +30,32 @@ NOT_FOUND = "no such path; the API is POST /caption (see /docs.json)"
 QUIET_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")  # probes and scrapes: not logged
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    kind = OPENAI_ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+    code = "model_not_found" if status == 404 and param == "model" else None
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    scope: Scope | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """{"error": message}; on the OpenAI-compatible routes (/v1/...), OpenAI's error shape."""
+    if scope is not None and scope.get("path", "").startswith("/v1/"):
+        return JSONResponse(openai_error(status, message, param), status_code=status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -67,11 +92,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.headers)
+        return error_response(exc.status_code, exc.message, exc.headers, request.scope, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, validation_message(exc.errors()))
+        return error_response(400, validation_message(exc.errors()), scope=request.scope)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -81,12 +106,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = plain_error_message(request.scope, exc.status_code, allow)
         else:
             message = str(exc.detail)
-        return error_response(exc.status_code, message, headers)
+        return error_response(exc.status_code, message, headers, request.scope)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error for request %s", request.scope.get("state", {}).get("request_id", "-"))
-        return error_response(500, "internal error: the server failed to caption this image; see its log")
+        return error_response(
+            500, "internal error: the server failed to caption this image; see its log", scope=request.scope
+        )
 
 
 CUT_OFF = "the multipart body ended before its closing boundary: the upload was cut off; send the whole request"
@@ -124,11 +151,11 @@ class RequestGuard:
         too_large = f"the request body is larger than {max_bytes / 1024 / 1024:g} MB"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            return await error_response(413, too_large)(scope, receive, send)
+            return await error_response(413, too_large, scope=scope)(scope, receive, send)
         reserved = int(declared) if declared is not None and declared.isdigit() else max_bytes
         if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
             busy = "the server is busy reading other uploads; retry shortly"
-            return await error_response(503, busy, {"Retry-After": "1"})(scope, receive, send)
+            return await error_response(503, busy, {"Retry-After": "1"}, scope)(scope, receive, send)
         self.reading_bytes += reserved
         try:
             await self.guarded(scope, receive, send, max_bytes, too_large)
@@ -153,7 +180,9 @@ class RequestGuard:
                 message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
             except TimeoutError:
                 refusal = error_response(
-                    408, f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster or smaller"
+                    408,
+                    f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster or smaller",
+                    scope=scope,
                 )
                 raise BodyRefused() from None
             if message["type"] == "http.request":
@@ -164,7 +193,7 @@ class RequestGuard:
                     if body_done:
                         scope.setdefault("state", {})["multipart_complete"] = closing in tail
                 if received > max_bytes:
-                    refusal = error_response(413, too_large)
+                    refusal = error_response(413, too_large, scope=scope)
                     raise BodyRefused()
                 if body_done:
                     hang_up = asyncio.ensure_future(wait_for_disconnect(receive))
@@ -190,9 +219,8 @@ class RequestGuard:
             pass
         except TimeoutError:
             if not started:
-                await error_response(504, f"no caption within {self.request_timeout_s:g} s; retry later")(
-                    scope, receive, send
-                )
+                timed_out = f"no caption within {self.request_timeout_s:g} s; retry later"
+                await error_response(504, timed_out, scope=scope)(scope, receive, send)
             return
         except asyncio.CancelledError:
             if hang_up is None or not hang_up.done() or hang_up.cancelled():
@@ -321,7 +349,7 @@ class JsonErrors:
                     text = plain_error_message(scope, message["status"], headers)
                     kept = {k: v for k, v in headers.items() if k.lower() in (b"allow", b"retry-after")}
                     response = error_response(
-                        message["status"], text, {k.decode(): v.decode() for k, v in kept.items()}
+                        message["status"], text, {k.decode(): v.decode() for k, v in kept.items()}, scope
                     )
                     await response(scope, receive, send)
                     return

@@ -30,6 +30,8 @@ class CaptionResult(IODescriptor):
     caption: str | None = None
     error: str | None = None
     status: int = 200
+    new_tokens: int = 0  # tokens generated, the end-of-text token included
+    stopped: bool = True  # the model ended the caption (not max_new_tokens)
 
 
 def group_jobs(jobs: list[CaptionJob]) -> list[list[int]]:

@@ -227,7 +227,7 @@ class BlipCaptioner:
         Costs nothing while every job works."""
         group = [jobs[i] for i in indices]
         try:
-            captions = self.generate(group)
+            results_of_group = self.generate(group)
         except Exception as exc:
             if len(indices) > 1:
                 middle = len(indices) // 2
@@ -236,8 +236,8 @@ class BlipCaptioner:
                 return
             results[indices[0]] = self.failure(exc)
             return
-        for index, caption in zip(indices, captions):
-            results[index] = CaptionResult(caption=caption)
+        for index, result in zip(indices, results_of_group):
+            results[index] = result
 
     def failure(self, exc: Exception) -> CaptionResult:
         if isinstance(exc, JobRejected):
@@ -246,7 +246,7 @@ class BlipCaptioner:
         return CaptionResult(error="internal error: the model failed on this image; see the server log", status=500)
 
     @torch.inference_mode()
-    def generate(self, jobs: list[CaptionJob]) -> list[str]:
+    def generate(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """Captions for jobs that share prompt and options, in one generate. What the API service
         already checked is checked again here, where a mistake would crash generate (JobRejected)."""
         prompt, max_new_tokens, num_beams = jobs[0].generation_options()
@@ -271,7 +271,7 @@ class BlipCaptioner:
             output = self.fast_decoder.generate(
                 pixel_values, prompt_inputs.get("input_ids"), max_new_tokens, min_new_tokens
             )
-            return self.processor.batch_decode(output, skip_special_tokens=True)
+            return self.results(output, start)
         output = self.model.generate(
             pixel_values=pixel_values,
             **prompt_inputs,
@@ -280,4 +280,16 @@ class BlipCaptioner:
             num_beams=num_beams,
             do_sample=False,
         )
-        return self.processor.batch_decode(output, skip_special_tokens=True)
+        return self.results(output, start)
+
+    def results(self, output: torch.Tensor, start: int) -> list[CaptionResult]:
+        """Each row's caption, how many tokens it generated after the `start` it began from, and
+        whether it ended with the end-of-text token (else it ran into max_new_tokens)."""
+        captions = self.processor.batch_decode(output, skip_special_tokens=True)
+        end = self.model.config.text_config.sep_token_id  # what generate stops at
+        results = []
+        for caption, row in zip(captions, output[:, start:].tolist()):
+            stopped = end in row
+            new_tokens = row.index(end) + 1 if stopped else len(row)
+            results.append(CaptionResult(caption=caption, new_tokens=new_tokens, stopped=stopped))
+        return results

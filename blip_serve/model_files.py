@@ -95,3 +95,13 @@ def describe_source(resolved) -> str:
     if isinstance(resolved, HubModel):
         return f"{resolved.model_id} (Hugging Face hub)"
     return f"{getattr(resolved, 'tag', resolved)} (BentoML model store)"
+
+
+def served_model_id(resolved) -> str:
+    """The model's id on the OpenAI-compatible routes: the hub id, the directory's name, or the
+    stored model's name."""
+    if isinstance(resolved, str):
+        return Path(resolved).name or resolved
+    if isinstance(resolved, HubModel):
+        return resolved.model_id
+    return str(getattr(getattr(resolved, "tag", None), "name", STORE_MODEL))

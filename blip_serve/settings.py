@@ -55,8 +55,17 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this
     header_timeout_s: float = Field(10.0, gt=0)  # a connection must send its headers within this
 
+    # The OpenAI-compatible routes (/v1/...)
+    served_model_name: str = ""  # the model id /v1/models lists; empty: the hub id, directory name or stored model
+    fetch_url_hosts: str = ""  # host names whose image URLs /v1/chat/completions fetches, comma-separated; empty: none
+    fetch_timeout_s: float = Field(10.0, gt=0, le=300)  # for a whole fetched image
+    fetch_allow_private: bool = False  # fetch from private and local addresses too (an image store on your network)
+
     api_key: str = ""  # empty: the caption routes are open
     tracing: bool = False  # BentoML's OpenTelemetry middleware retains spans: off unless asked
+
+    def fetch_hosts(self) -> frozenset[str]:
+        return frozenset(host.strip().lower() for host in self.fetch_url_hosts.split(",") if host.strip())
 
     def queued_images_limit(self) -> int:
         """BLIP_MAX_QUEUED_IMAGES, or its default: a few batches, and never less than one /captions."""

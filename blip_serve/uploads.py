@@ -118,15 +118,33 @@ class UploadReader:
         body, data = await asyncio.to_thread(image_from_json, await request.body())
         return Upload("image", data), self.caption_options(body)
 
+    async def read_json_body(self, request: Request, expected: str = "a chat completions request") -> object:
+        """A JSON body (/v1/chat/completions), parsed in a thread."""
+        return await asyncio.to_thread(parse_json, await request.body(), expected)
+
+    def chat_options(self, prompt: str | None, max_new_tokens: int | None) -> CaptionOptions:
+        """The options of a chat completion, checked as /caption's are; a refusal names the
+        chat parameter (max_tokens, or messages for the prompt)."""
+        try:
+            return self.caption_options({"prompt": prompt, "max_new_tokens": max_new_tokens})
+        except BadRequest as exc:
+            param = "max_tokens" if "max_new_tokens" in exc.message else "messages"
+            message = exc.message.replace("'max_new_tokens'", "'max_tokens'").replace("'prompt'", "the text")
+            raise BadRequest(message, param=param) from None
+
+
+def parse_json(text: bytes, expected: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(f"the body is not valid JSON: send {expected}") from None
+    except RecursionError:  # not a ValueError: without this, arrays nested 100,000 deep were a 500
+        raise BadRequest(f"the JSON body is nested too deeply: send {expected}") from None
+
 
 def image_from_json(text: bytes) -> tuple[dict, bytes]:
     """The JSON body and its image's bytes."""
-    try:
-        body = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest('the body is not valid JSON: send {"image": "<base64>", "prompt": ...}') from None
-    except RecursionError:  # not a ValueError: without this, arrays nested 100,000 deep were a 500
-        raise BadRequest('the JSON body is nested too deeply: send {"image": "<base64>", "prompt": ...}') from None
+    body = parse_json(text, '{"image": "<base64>", "prompt": ...}')
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise BadRequest('the JSON body needs "image": the image\'s bytes in base64 (or a data: URL)')
     return body, decode_base64_image(body["image"])

@@ -28,7 +28,7 @@ def test_no_server_errors_from_generated_requests(server, tmp_path):
             "--request-timeout",
             "60",
             "--include-path-regex",
-            "^/captions?$",
+            "^/(captions?|v1/chat/completions)$",
             "--seed",
             "1",
             "--no-color",
@@ -41,4 +41,4 @@ def test_no_server_errors_from_generated_requests(server, tmp_path):
     output = result.stdout + result.stderr
 
     assert result.returncode == 0, output[-6000:]
-    assert "Tested: 2" in output  # /caption (three bodies) and /captions
+    assert "Tested: 3" in output  # /caption (three bodies), /captions and /v1/chat/completions

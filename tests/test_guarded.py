@@ -64,3 +64,24 @@ def test_overload_answers_503_with_retry_after_and_loses_nothing(guarded_server)
     assert httpx.get(f"{guarded_server.url}/readyz").status_code == 200
     response = httpx.post(f"{guarded_server.url}/caption", files={"file": ("p.png", IMAGE)}, headers=AUTH, timeout=60)
     assert response.status_code == 200
+
+
+def test_the_openai_routes_take_the_key_as_the_sdk_sends_it(guarded_server):
+    import base64
+
+    import openai
+
+    url = f"{guarded_server.url}/v1"
+    data_url = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}]}]
+    keyed = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    [model] = keyed.models.list().data
+    answer = keyed.chat.completions.create(model=model.id, messages=messages, max_tokens=100)
+    assert answer.choices[0].message.content
+    wrong = openai.OpenAI(base_url=url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        wrong.chat.completions.create(model=model.id, messages=messages)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    refused = httpx.get(f"{url}/models")
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"

@@ -38,7 +38,16 @@ def rendered(request) -> tuple[str, list[dict]]:
 def test_kubernetes_objects_validate_strictly(rendered):
     _, objects = rendered
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "Deployment", "Ingress", "Ingress", "PodDisruptionBudget", "ScaledObject", "Service"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Ingress",
+        "Ingress",
+        "Ingress",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "Service",
+    ]
     for obj in objects:
         if obj["kind"] != "ScaledObject":
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -89,10 +98,14 @@ def test_probes_and_ports_exist_on_the_real_server(rendered, server):
         one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
     ):
         assert selector.items() <= pod_labels.items()
+    # Each route with nginx/nginx.conf's body limit for it.
+    body_limits = {"/caption": "10m", "/captions": "64m", "/v1/chat/completions": "15m", "/v1/models": "15m"}
+    routed = {}
     for ingress in (o for o in objects if o["kind"] == "Ingress"):
         for path in ingress["spec"]["rules"][0]["http"]["paths"]:
             assert path["backend"]["service"] == {"name": service["metadata"]["name"], "port": {"name": "http"}}
-            assert path["path"] in ("/caption", "/captions")
+            routed[path["path"]] = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert routed == body_limits
 
 
 def test_configmap_keys_are_real_settings_and_valid(rendered):

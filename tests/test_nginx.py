@@ -110,3 +110,41 @@ def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
                 time.sleep(0.1)
     assert len(upstreams) == 20
     assert set(upstreams) == {first.url.removeprefix("http://"), second.url.removeprefix("http://")}
+
+
+def test_the_openai_routes_through_nginx_with_their_body_limit(nginx, server):
+    import base64
+
+    model = httpx.get(f"{nginx.url}/v1/models").json()["data"][0]["id"]
+    # A 10 MB image in base64 is 13.4 MB of JSON: more than /caption's 10 MB, within this route's 15.
+    body = {
+        "model": model,
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"}}]}
+        ],
+    }
+    data_url = "data:image/jpeg;base64," + base64.b64encode(IMAGE).decode()
+    body["messages"][0]["content"][0]["image_url"]["url"] = data_url
+    answer = httpx.post(f"{nginx.url}/v1/chat/completions", json=body, timeout=60)
+    direct = httpx.post(f"{server.url}/caption", files={"file": ("p.jpg", IMAGE)}, timeout=60)
+    assert answer.json()["choices"][0]["message"]["content"] == direct.json()["caption"]
+    padded = httpx.post(
+        f"{nginx.url}/v1/chat/completions",
+        content=b"{" + b" " * (13 * 1024 * 1024) + b"}",
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert padded.status_code == 400  # through nginx to the server: 13 MB is within the route's limit
+    too_big = httpx.post(
+        f"{nginx.url}/v1/chat/completions",
+        content=b" " * (16 * 1024 * 1024),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert too_big.status_code == 413
+    assert too_big.json()["error"] == {
+        "message": "the request body is larger than 15 MB",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }

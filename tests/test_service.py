@@ -255,4 +255,7 @@ def test_the_openapi_document_names_the_project_and_every_route(server):
     spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
     assert (spec["info"]["title"], spec["info"]["version"]) == ("blip-serve", __version__)
     assert {"/caption", "/captions", "/info", "/readyz", "/livez", "/metrics"} <= set(spec["paths"])
+    assert {"/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert chat["required"] == ["model", "messages"]
     assert set(spec["paths"]["/caption"]["post"]["responses"]) >= {"200", "400", "413", "415", "503", "504"}

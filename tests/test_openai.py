@@ -1,0 +1,330 @@
+"""The OpenAI-compatible routes against the real server, with the real `openai` SDK as the client:
+the same captions as /caption, streaming, the model list, batching with /caption, each refusal in
+OpenAI's error shape, and image URLs (off by default; an allow-list with the address checks)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import openai
+import pytest
+
+from blip_serve.errors import BadRequest
+from blip_serve.fetch import FetchRefused, destination
+from load_test.servers import BentoServer
+from support.clients import batch_histogram, post_caption
+from support.images import encode, scene
+
+pytestmark = pytest.mark.slow  # starts the real server
+
+JPEG = encode(scene(71, (320, 240)), "JPEG")
+DATA_URL = "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()
+
+
+def model_id(server) -> str:
+    return httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+
+
+def sdk(server, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, **options)
+
+
+def image_message(url: str = DATA_URL, text: str | None = None) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": url}}]
+    if text:
+        content.insert(0, {"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize("prompt", [None, "a picture of"])
+def test_the_sdk_gets_the_caption_that_caption_gives(server, prompt):
+    client = sdk(server)
+    answer = client.chat.completions.create(model=model_id(server), messages=image_message(text=prompt))
+    expected = post_caption(server, files={"file": ("p.jpg", JPEG)}, data={"prompt": prompt} if prompt else None)
+    assert answer.choices[0].message.content == expected.json()["caption"]
+    assert answer.object == "chat.completion" and answer.model == model_id(server)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens >= 1
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_max_tokens_is_max_new_tokens_and_a_cut_caption_says_length(server):
+    client = sdk(server)
+    answer = client.chat.completions.create(model=model_id(server), messages=image_message(), max_tokens=2)
+    expected = post_caption(server, files={"file": ("p.jpg", JPEG)}, data={"max_new_tokens": "2"}).json()["caption"]
+    assert answer.choices[0].message.content == expected
+    assert answer.usage.completion_tokens <= 2
+    if answer.usage.completion_tokens == 2:  # random weights rarely end a caption within 2 tokens
+        assert answer.choices[0].finish_reason == "length"
+
+
+def test_a_stream_yields_the_same_caption_and_ends_with_done(server):
+    client = sdk(server)
+    stream = client.chat.completions.create(
+        model=model_id(server), messages=image_message(), stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == post_caption(server, files={"file": ("p.jpg", JPEG)}).json()["caption"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    raw = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": model_id(server), "messages": image_message(), "stream": True},
+        timeout=60,
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_the_model_list_has_the_served_model(server):
+    models = sdk(server).models.list()
+    assert [m.id for m in models.data] == [model_id(server)]
+    assert models.data[0].object == "model"
+
+
+def test_sdk_calls_are_batched_with_caption_calls(server):
+    before = batch_histogram(server)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    name = model_id(server)
+
+    async def mixed():
+        async with httpx.AsyncClient(timeout=60) as http:
+            chats = [client.chat.completions.create(model=name, messages=image_message()) for _ in range(8)]
+            captions = [http.post(f"{server.url}/caption", files={"file": ("p.jpg", JPEG)}) for _ in range(8)]
+            return await asyncio.gather(*chats, *captions)
+
+    answers = asyncio.run(mixed())
+    texts = {a.choices[0].message.content for a in answers[:8]} | {a.json()["caption"] for a in answers[8:]}
+    assert len(texts) == 1  # one image, one caption, whichever route asked
+    after = batch_histogram(server)
+    images = after["sum"] - before["sum"]
+    batches = after["count"] - before["count"]
+    assert images == 16 and batches < 16, (images, batches)
+
+
+# (request fields, status, the parameter named, words in the message)
+REFUSALS = {
+    "another model": ({"model": "gpt-4o"}, 404, "model", "does not exist"),
+    "no image": (
+        {"messages": [{"role": "user", "content": "describe this"}]},
+        400,
+        "messages",
+        "exactly one image_url",
+    ),
+    "two images": (
+        {"messages": [{"role": "user", "content": image_message()[0]["content"] * 2}]},
+        400,
+        "messages",
+        "POST /captions",
+    ),
+    "an image in an earlier message": (
+        {"messages": image_message() + [{"role": "assistant", "content": "x"}] + image_message()},
+        400,
+        "messages",
+        "only the last user message",
+    ),
+    "n of 2": ({"n": 2}, 400, "n", "'n' must be 1"),
+    "sampling": ({"temperature": 0.7}, 400, "temperature", "sampling is not supported"),
+    "logprobs": ({"logprobs": True}, 400, "logprobs", "not supported"),
+    "tools": (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        400,
+        "tools",
+        "tools are not supported",
+    ),
+    "max_tokens too large": ({"max_tokens": 100_000}, 400, "max_tokens", "'max_tokens'"),
+    "a remote url": ({"messages": image_message("http://127.0.0.1:9/cat.jpg")}, 400, "messages", "data: URL"),
+    "not base64": ({"messages": image_message("data:image/jpeg;base64,@@@")}, 400, None, "not valid base64"),
+    "not an image": (
+        {"messages": image_message("data:text/plain;base64," + base64.b64encode(b"hello").decode())},
+        415,
+        None,
+        "not a supported image",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_each_refusal_is_in_openais_error_shape_and_names_the_parameter(server, case):
+    fields, status, param, words = REFUSALS[case]
+    body = {"model": model_id(server), "messages": image_message(), **fields}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and words in error["message"]
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_the_sdk_raises_its_own_errors_with_the_servers_message(server):
+    client = sdk(server)
+    with pytest.raises(openai.BadRequestError, match="sampling is not supported"):
+        client.chat.completions.create(model=model_id(server), messages=image_message(), temperature=1.0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=image_message())
+
+
+def test_caption_errors_keep_their_own_shape(server):
+    response = post_caption(server, files={"file": ("a.txt", b"hello")})
+    assert response.status_code == 415 and set(response.json()) == {"error"}
+    assert isinstance(response.json()["error"], str)
+
+
+def test_invalid_json_and_oversize_bodies_are_openai_errors_too(server):
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    huge = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"x" * (20 * 1024 * 1024),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
+
+
+# Image URLs
+class ImageHost:
+    """A local HTTP server: /cat.jpg, a redirect to another host, a body over the limit, a slow body."""
+
+    def __init__(self):
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                host.requests.append(self.path)
+                if self.path == "/cat.jpg":
+                    self.send(JPEG)
+                elif self.path == "/elsewhere":
+                    self.send_response(302)
+                    self.send_header("location", "http://127.0.0.2:1/cat.jpg")
+                    self.end_headers()
+                elif self.path == "/huge.jpg":
+                    self.send(JPEG + bytes(11 * 1024 * 1024))
+                elif self.path == "/slow.jpg":
+                    self.send_response(200)
+                    self.send_header("content-length", str(len(JPEG)))
+                    self.end_headers()
+                    for byte in JPEG[:20]:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.5)
+                else:
+                    self.send_error(404)
+
+            def send(self, body):
+                self.send_response(200)
+                self.send_header("content-type", "image/jpeg")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.requests: list[str] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://localhost:{self.port}{path}"
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ImageHost()
+    yield host
+    host.server.shutdown()
+
+
+def test_image_urls_are_not_fetched_by_default(server, image_host):
+    body = {"model": model_id(server), "messages": image_message(image_host.url("/cat.jpg"))}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and "data: URL" in response.json()["error"]["message"]
+    assert image_host.requests == []
+
+
+@pytest.fixture(scope="module")
+def fetching_server(tiny_model_dir, tmp_path_factory):
+    """Fetches from `localhost` (the image host of this module), private addresses allowed."""
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_FETCH_URL_HOSTS": "localhost",
+        "BLIP_FETCH_ALLOW_PRIVATE": "true",
+        "BLIP_FETCH_TIMEOUT_S": "3",
+    }
+    with BentoServer(env, tmp_path_factory.mktemp("fetching") / "bentoml.log") as running:
+        yield running
+
+
+FETCHES = {
+    # path: (status, words)
+    "/cat.jpg": (200, None),
+    "/elsewhere": (400, "only from localhost, not 127.0.0.2"),
+    "/huge.jpg": (413, "larger than 10 MB"),
+    "/slow.jpg": (400, "within 3 s"),
+    "/missing.jpg": (400, "answered 404"),
+}
+
+
+@pytest.mark.parametrize("path", FETCHES)
+def test_an_allowed_host_is_fetched_within_the_limits(fetching_server, image_host, path):
+    status, words = FETCHES[path]
+    body = {"model": model_id(fetching_server), "messages": image_message(image_host.url(path))}
+    response = httpx.post(f"{fetching_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    if status == 200:
+        expected = post_caption(fetching_server, files={"file": ("p.jpg", JPEG)}).json()["caption"]
+        assert response.json()["choices"][0]["message"]["content"] == expected
+    else:
+        assert words in response.json()["error"]["message"] and response.json()["error"]["param"] == "messages"
+    assert httpx.get(f"{fetching_server.url}/readyz").status_code == 200
+
+
+def test_a_host_off_the_list_is_never_asked(fetching_server, image_host):
+    seen = len(image_host.requests)
+    url = f"http://127.0.0.1:{image_host.port}/cat.jpg"  # the same server, by another name
+    body = {"model": model_id(fetching_server), "messages": image_message(url)}
+    response = httpx.post(f"{fetching_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and "not 127.0.0.1" in response.json()["error"]["message"]
+    assert len(image_host.requests) == seen
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "192.168.0.9", "169.254.169.254", "::1", "fd00::1", "0.0.0.0", "100.64.0.1"],
+)
+def test_private_and_local_addresses_are_refused_by_what_the_name_resolves_to(address):
+    """The server-side request forgery check, on the resolved address (a DNS name an attacker
+    controls may point anywhere): every hop of a fetch, redirects included, goes through it."""
+
+    async def resolver(host, port):
+        return [address]
+
+    async def check():
+        return await destination("http://images.example.com/a.jpg", frozenset({"images.example.com"}), False, resolver)
+
+    assert not ipaddress.ip_address(address).is_global
+    with pytest.raises(FetchRefused, match="private or local address"):
+        asyncio.run(check())
+
+
+def test_a_public_address_passes_and_is_the_one_connected_to():
+    async def resolver(host, port):
+        return ["93.184.216.34"]
+
+    async def check():
+        return await destination("https://images.example.com/a.jpg", frozenset({"images.example.com"}), False, resolver)
+
+    assert asyncio.run(check()) == ("https", "93.184.216.34", 443)
+    assert issubclass(FetchRefused, BadRequest)
