@@ -75,7 +75,11 @@ async def fetch_image(
                 request = client.build_request(
                     "GET",
                     target,
-                    headers={"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*", "Accept-Encoding": "identity"},
+                    headers={
+                        "Host": parts.netloc.rsplit("@", 1)[-1],
+                        "Accept": "image/*",
+                        "Accept-Encoding": "identity",
+                    },
                     extensions={"sni_hostname": parts.hostname} if scheme == "https" else {},
                 )
                 response = await client.send(request, stream=True)
