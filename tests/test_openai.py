@@ -54,14 +54,26 @@ def test_the_sdk_gets_the_caption_that_caption_gives(server, prompt):
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
-def test_max_tokens_is_max_new_tokens_and_a_cut_caption_says_length(server):
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_is_max_new_tokens_and_a_cut_caption_says_length(server, name):
     client = sdk(server)
-    answer = client.chat.completions.create(model=model_id(server), messages=image_message(), max_tokens=2)
+    answer = client.chat.completions.create(model=model_id(server), messages=image_message(), **{name: 2})
     expected = post_caption(server, files={"file": ("p.jpg", JPEG)}, data={"max_new_tokens": "2"}).json()["caption"]
     assert answer.choices[0].message.content == expected
     assert answer.usage.completion_tokens <= 2
     if answer.usage.completion_tokens == 2:  # random weights rarely end a caption within 2 tokens
         assert answer.choices[0].finish_reason == "length"
+
+
+def test_earlier_and_system_messages_are_accepted_and_not_used(server):
+    conversation = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Send me a picture."},
+        *image_message(),
+    ]
+    answer = sdk(server).chat.completions.create(model=model_id(server), messages=conversation)
+    assert answer.choices[0].message.content == post_caption(server, files={"file": ("p.jpg", JPEG)}).json()["caption"]
 
 
 def test_a_stream_yields_the_same_caption_and_ends_with_done(server):
