@@ -95,7 +95,7 @@ class CaptionsInFlight:
 
     count = 0
 
-    def __init__(self, app, paths: tuple[str, ...] = ("/caption", "/captions")):
+    def __init__(self, app, paths: tuple[str, ...] = ("/caption", "/captions", "/v1/chat/completions")):
         self.app = app
         self.paths = paths
 
