@@ -27,6 +27,7 @@ FIELD_HINTS = {
     "file": "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)",
 }
 NOT_FOUND = "no such path; the API is POST /caption (see /docs.json)"
+OPENAI_NOT_FOUND = "no such path; the OpenAI-compatible routes are POST /v1/chat/completions and GET /v1/models"
 QUIET_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")  # probes and scrapes: not logged
 
 
@@ -65,7 +66,7 @@ def method_not_allowed(scope: Scope, allowed: str) -> str:
 
 def plain_error_message(scope: Scope, status: int, headers: dict[bytes, bytes]) -> str:
     if status == 404:
-        return NOT_FOUND
+        return OPENAI_NOT_FOUND if scope.get("path", "").startswith("/v1/") else NOT_FOUND
     if status == 405:
         allowed = headers.get(b"allow", b"").decode("latin-1")
         return method_not_allowed(scope, ", ".join(sorted(m.strip() for m in allowed.split(",") if m.strip())))

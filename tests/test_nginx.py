@@ -135,6 +135,12 @@ def test_the_openai_routes_through_nginx_with_their_body_limit(nginx, server):
         timeout=60,
     )
     assert padded.status_code == 400  # through nginx to the server: 13 MB is within the route's limit
+    wrong = httpx.post(f"{nginx.url}/v1/chat/completion", json={})
+    assert wrong.status_code == 404 and wrong.json()["error"]["type"] == "not_found_error"
+    assert (
+        wrong.json()["error"]["message"]
+        == httpx.post(f"{server.url}/v1/chat/completion", json={}).json()["error"]["message"]
+    )
     too_big = httpx.post(
         f"{nginx.url}/v1/chat/completions",
         content=b" " * (16 * 1024 * 1024),

@@ -183,6 +183,16 @@ def test_the_sdk_raises_its_own_errors_with_the_servers_message(server):
         client.chat.completions.create(model="gpt-4o", messages=image_message())
 
 
+def test_a_wrong_v1_path_names_the_routes_there_are(server):
+    response = httpx.post(f"{server.url}/v1/chat/completion", json={})
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == (
+        "no such path; the OpenAI-compatible routes are POST /v1/chat/completions and GET /v1/models"
+    )
+    wrong_method = httpx.post(f"{server.url}/v1/models")
+    assert wrong_method.status_code == 405 and "use GET" in wrong_method.json()["error"]["message"]
+
+
 def test_caption_errors_keep_their_own_shape(server):
     response = post_caption(server, files={"file": ("a.txt", b"hello")})
     assert response.status_code == 415 and set(response.json()) == {"error"}
