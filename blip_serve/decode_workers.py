@@ -23,6 +23,7 @@ import asyncio
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import resource
 import signal
@@ -34,7 +35,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import ClientError, PayloadTooLarge, UnsupportedImage
+from .errors import ClientError, PayloadTooLarge, Unavailable, UnsupportedImage
+
+logger = logging.getLogger("bentoml.blip_serve")
 
 FRAME = struct.Struct("<II")  # header length, payload length
 
@@ -82,17 +85,23 @@ class DecodeProcess:
         await asyncio.shield(self.starting)
 
     async def start(self) -> None:
+        """Start the child and wait for its hello. A child that cannot start is the server's
+        fault, not the upload's: 503, and the next request tries a new one."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "blip_serve.decode_workers",
-            json.dumps(asdict(self.config)),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        hello, _ = await self.receive()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "blip_serve.decode_workers",
+                json.dumps(asdict(self.config)),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            hello, _ = await self.receive()
+        except (OSError, DecodeFailed, ValueError) as exc:
+            logger.error("an image decode process did not start: %r", exc)
+            raise Unavailable("the server could not start an image decoder; retry shortly") from None
         self.fresh_rss = hello["rss"]
 
     async def decode(self, data: bytes, large_ok: bool) -> tuple[dict, bytes]:

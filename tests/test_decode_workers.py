@@ -260,3 +260,20 @@ def test_the_costliest_accepted_uploads_stay_within_their_memory_figure(name):
     grew = (header["peak"] - fresh) >> 20
     print(f"{name}: +{grew} MB at the decode's peak")
     assert grew < megabytes
+
+
+def test_a_decode_process_that_cannot_start_is_a_503_not_the_uploads_fault(monkeypatch):
+    from blip_serve import decode_workers
+    from blip_serve.errors import Unavailable
+
+    monkeypatch.setattr(decode_workers.sys, "executable", "/bin/false")
+
+    async def go():
+        decoders = Decoders(CONFIG, 1, 1)
+        OPEN.append(decoders)
+        with pytest.raises(Unavailable, match="could not start an image decoder") as caught:
+            await decoders.prepare(encode(scene(1), "JPEG"), owner=1)
+        return caught.value
+
+    error = run(go())
+    assert error.status_code == 503 and error.headers == {"Retry-After": "5"}
