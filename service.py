@@ -383,8 +383,8 @@ app.add_middleware(
     request_timeout_s=settings.request_timeout_s,
     max_reading_bytes=settings.max_reading_bytes,
 )
-# Around every path, BentoML's own (/readyz, /metrics ...) too: RequestLog outermost, so it logs the
-# status JsonErrors sends.
+# Around every path, BentoML's own (/readyz, /metrics ...) too. BentoML makes the first added the
+# outermost: CaptionsInFlight, then RequestLog, then JsonErrors, so the log has the status JsonErrors sends.
 CaptionAPI.add_asgi_middleware(CaptionsInFlight)  # what a drain waits for
 CaptionAPI.add_asgi_middleware(RequestLog)
 CaptionAPI.add_asgi_middleware(JsonErrors)
