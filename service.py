@@ -297,11 +297,11 @@ class CaptionAPI:
             )
         options = self.uploads.chat_options(call.prompt, call.max_new_tokens)
         result = await self.caption_one(request, data, options)
-        answer = (self.model_id, result.caption, result.stopped, self.text_limits.start_length(options.prompt))
+        prompt_tokens = self.text_limits.start_length(options.prompt)
         if call.stream:
-            events = completion_chunks(*answer, result.new_tokens, call.include_usage)
+            events = completion_chunks(self.model_id, result, prompt_tokens, call.include_usage)
             return StreamingResponse(iter(events), media_type="text/event-stream")
-        return JSONResponse(completion(*answer, result.new_tokens))
+        return JSONResponse(completion(self.model_id, result, prompt_tokens))
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:

@@ -34,8 +34,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image, PngImagePlugin
 
 from .errors import ClientError, PayloadTooLarge, Unavailable, UnsupportedImage
+from .images import (
+    ImageLimits,
+    PreparedImage,
+    ResizeSpec,
+    decode_opened,
+    open_image,
+    resize_image,
+    return_freed_memory_to_os,
+)
 
 logger = logging.getLogger("bentoml.blip_serve")
 
@@ -78,6 +88,7 @@ class DecodeProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.starting: asyncio.Task | None = None
         self.fresh_rss = 0
+        self.killed = False
 
     async def ready(self) -> None:
         if self.starting is None:
@@ -130,9 +141,11 @@ class DecodeProcess:
         return rss > self.fresh_rss + 64 * 1024 * 1024
 
     def alive(self) -> bool:
-        return self.process is None or self.process.returncode is None
+        """Usable for the next decode: not killed, and not dead (never started counts as alive)."""
+        return not self.killed and (self.process is None or self.process.returncode is None)
 
     def kill(self) -> None:
+        self.killed = True
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
 
@@ -173,13 +186,12 @@ class DecodePool:
             header, payload = await process.decode(data, large_ok)
         except BaseException as exc:  # cancelled (the request is over), or the child died
             self.retire(process)
-            self.give_back(DecodeProcess(self.config), owner)
+            self.give_back(process, owner)
             if isinstance(exc, DecodeFailed):
                 raise self.failure(exc.args[0]) from None
             raise
         if process.grown(header.get("rss", 0)):
             self.retire(process)
-            process = DecodeProcess(self.config)
         self.give_back(process, owner)
         return header, payload
 
@@ -213,8 +225,9 @@ class DecodePool:
         self.handed[owner] += 1
 
     def give_back(self, process: DecodeProcess, owner: int) -> None:
-        """The process goes to the waiting request with the fewest decodes running, then the
-        fewest handed out so far (turn by turn), then the earliest; or back to the idle list."""
+        """The process (a new one in its place, if it was killed or died) goes to the waiting
+        request with the fewest decodes running, then the fewest handed out so far (turn by turn),
+        then the earliest; or back to the idle list."""
         self.running[owner] -= 1
         self.forget_if_done(owner)
         if not process.alive():
@@ -248,9 +261,7 @@ class Decoders:
         """Stop the idle processes (a busy one ends with its request; all end with this process)."""
         await asyncio.gather(self.small.close(), self.large.close())
 
-    async def prepare(self, data: bytes, owner: int):
-        from .images import PreparedImage  # noqa: PLC0415  (images imports nothing from here)
-
+    async def prepare(self, data: bytes, owner: int) -> PreparedImage:
         header, payload = await self.small.decode(data, owner, large_ok=False)
         if header.get("large"):
             header, payload = await self.large.decode(data, owner, large_ok=True)
@@ -262,9 +273,12 @@ class Decoders:
 
 
 # The child's side.
-def resident_bytes() -> int:
+def memory_bytes() -> tuple[int, int]:
+    """This process's (address space, resident memory)."""
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        size, resident = statm.read().split()[:2]
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(size) * page, int(resident) * page
 
 
 def peak_resident_bytes() -> int:
@@ -273,11 +287,6 @@ def peak_resident_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def address_space_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def widen_pipe(fd: int) -> None:
@@ -310,10 +319,6 @@ def lower_priority() -> None:
 
 
 def serve(config: DecodeConfig) -> None:
-    from PIL import Image, PngImagePlugin
-
-    from .images import ImageLimits, ResizeSpec, decode_opened, open_image, resize_image, return_freed_memory_to_os
-
     Image.init()  # every plugin loaded before the memory budget is measured from here
 
     die_with_parent()
@@ -327,7 +332,7 @@ def serve(config: DecodeConfig) -> None:
     warnings.simplefilter("ignore")
     PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024  # all of a PNG's text chunks, inflated
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    memory = address_space_bytes() + config.memory_mb * 1024 * 1024
+    memory = memory_bytes()[0] + config.memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     limits = ImageLimits(config.max_pixels, config.max_side)
     spec = ResizeSpec(config.width, config.height, Image.Resampling(config.resample))
@@ -339,7 +344,7 @@ def serve(config: DecodeConfig) -> None:
         widen_pipe(pipe.fileno())
 
     def answer(header: dict, payload: bytes = b"") -> None:
-        encoded = json.dumps({**header, "rss": resident_bytes(), "peak": peak_resident_bytes()}).encode()
+        encoded = json.dumps({**header, "rss": memory_bytes()[1], "peak": peak_resident_bytes()}).encode()
         answers.write(FRAME.pack(len(encoded), len(payload)) + encoded + payload)
         answers.flush()
 

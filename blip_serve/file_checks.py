@@ -120,13 +120,17 @@ def check_first_scan(scan_bytes: int, width: int, height: int) -> None:
     (arithmetic coding, which has no such floor, is refused above)."""
     blocks = -(-width // 8) * -(-height // 8)
     if scan_bytes * 8 < blocks:
-        raise UnsupportedImage(
-            f"the JPEG is truncated: it declares {width}x{height} pixels but holds too little data "
-            "for them; send the complete file"
-        )
+        raise truncated("JPEG", width, height)
 
 
-PNG_BITS_PER_PIXEL = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+def truncated(kind: str, width: int, height: int) -> UnsupportedImage:
+    return UnsupportedImage(
+        f"the {kind} is truncated: it declares {width}x{height} pixels but holds too little data "
+        "for them; send the complete file"
+    )
+
+
+PNG_SAMPLES_PER_PIXEL = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
 
 
 def check_png(data: bytes) -> None:
@@ -136,30 +140,25 @@ def check_png(data: bytes) -> None:
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise refuse(f"the PNG has more than {MAX_PNG_CHUNKS:,} chunks")
-        body = data[position + 8 : position + 8 + length]
-        if kind == b"IHDR" and len(body) >= 13:
-            header = struct.unpack_from(">IIBB", body)
+        start = position + 8
+        if kind == b"IHDR" and length >= 13 and start + 13 <= len(data):
+            header = struct.unpack_from(">IIBB", data, start)
         elif kind == b"IDAT":
-            image_bytes += len(body)  # what is there, not what the length claims
-        elif kind == b"fdAT":
-            pass
+            image_bytes += min(length, len(data) - start)  # what is there, not what the length claims
         elif kind == b"IEND":
             break
-        else:
+        elif kind != b"fdAT":  # an animation's frames are image data too
             metadata += 1
             if metadata > MAX_PNG_METADATA_CHUNKS:
                 raise refuse(f"the PNG has more than {MAX_PNG_METADATA_CHUNKS} metadata chunks")
             if kind == b"eXIf":
-                check_exif(body)
+                check_exif(data[start : start + length])
         position += 12 + length
     if header:
         width, height, depth, colour = header
-        raw = height * -(-width * depth * PNG_BITS_PER_PIXEL.get(colour, 4) // 8)
+        raw = height * -(-width * depth * PNG_SAMPLES_PER_PIXEL.get(colour, 4) // 8)
         if image_bytes * DEFLATE_MAX_RATIO + 4096 < raw:
-            raise UnsupportedImage(
-                f"the PNG is truncated: it declares {width}x{height} pixels but holds too little data "
-                "for them; send the complete file"
-            )
+            raise truncated("PNG", width, height)
 
 
 def check_gif(data: bytes) -> None:

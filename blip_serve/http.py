@@ -20,8 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError
 
-logger = logging.getLogger("bentoml.blip_serve")
-T = TypeVar("T")  # under "bentoml": BentoML's log handlers and format
+logger = logging.getLogger("bentoml.blip_serve")  # under "bentoml": BentoML's log handlers and format
+T = TypeVar("T")
 
 FIELD_HINTS = {
     "file": "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)",

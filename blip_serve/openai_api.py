@@ -19,9 +19,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import BadRequest, NotFound
 from .uploads import decode_base64_image
+
+if TYPE_CHECKING:
+    from .jobs import CaptionResult  # a caption and its token count (jobs.py imports BentoML)
 
 INLINE = "send the image inline as a data: URL (data:image/jpeg;base64,...)"
 
@@ -146,6 +150,10 @@ def max_tokens(body: dict) -> int | None:
     return None
 
 
+def finish_reason(result: CaptionResult) -> str:
+    return "stop" if result.stopped else "length"
+
+
 def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
@@ -154,7 +162,7 @@ def usage(prompt_tokens: int, new_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens, "total_tokens": prompt_tokens + new_tokens}
 
 
-def completion(model_id: str, caption: str, stopped: bool, prompt_tokens: int, new_tokens: int) -> dict:
+def completion(model_id: str, result: CaptionResult, prompt_tokens: int) -> dict:
     return {
         "id": completion_id(),
         "object": "chat.completion",
@@ -163,18 +171,16 @@ def completion(model_id: str, caption: str, stopped: bool, prompt_tokens: int, n
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": caption, "refusal": None},
+                "message": {"role": "assistant", "content": result.caption, "refusal": None},
                 "logprobs": None,
-                "finish_reason": "stop" if stopped else "length",
+                "finish_reason": finish_reason(result),
             }
         ],
-        "usage": usage(prompt_tokens, new_tokens),
+        "usage": usage(prompt_tokens, result.new_tokens),
     }
 
 
-def completion_chunks(
-    model_id: str, caption: str, stopped: bool, prompt_tokens: int, new_tokens: int, include_usage: bool
-) -> list[str]:
+def completion_chunks(model_id: str, result: CaptionResult, prompt_tokens: int, include_usage: bool) -> list[str]:
     """The answer as OpenAI streams it: the role, the caption (in one piece: it is ready at once),
     the finish reason, the usage when asked for, then [DONE]."""
     common = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id}
@@ -184,11 +190,11 @@ def completion_chunks(
 
     events = [
         chunk({"role": "assistant", "content": ""}),
-        chunk({"content": caption}),
-        chunk({}, "stop" if stopped else "length"),
+        chunk({"content": result.caption}),
+        chunk({}, finish_reason(result)),
     ]
     if include_usage:
-        events.append({**common, "choices": [], "usage": usage(prompt_tokens, new_tokens)})
+        events.append({**common, "choices": [], "usage": usage(prompt_tokens, result.new_tokens)})
     return [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"]
 
 

@@ -64,7 +64,8 @@ class UploadReader:
         try:
             fields = self.options.model_validate(present)
         except ValidationError as exc:
-            raise BadRequest(validation_message(exc.errors())) from None
+            errors = exc.errors()
+            raise BadRequest(validation_message(errors), param=str(errors[0]["loc"][0])) from None
         return CaptionOptions(
             prompt=(fields.prompt or "").strip() or None,
             max_new_tokens=fields.max_new_tokens or self.settings.max_new_tokens,
@@ -128,7 +129,7 @@ class UploadReader:
         try:
             return self.caption_options({"prompt": prompt, "max_new_tokens": max_new_tokens})
         except BadRequest as exc:
-            param = "max_tokens" if "max_new_tokens" in exc.message else "messages"
+            param = {"max_new_tokens": "max_tokens", "prompt": "messages"}[exc.param]
             message = exc.message.replace("'max_new_tokens'", "'max_tokens'").replace("'prompt'", "the text")
             raise BadRequest(message, param=param) from None
 
