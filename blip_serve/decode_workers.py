@@ -14,7 +14,8 @@ included. file_checks.py refuses the known attacks early and by name; the budget
     python -m blip_serve.decode_workers CONFIG
                    the child: reads (header, bytes) frames on stdin, answers (header, pixels) on
                    stdout, exits at end of input. It answers for a large image "large" without
-                   decoding it when asked for small images only.
+                   decoding it when asked for small images only, and with BLIP_GPU_DECODE "device"
+                   for a JPEG that the model's device decodes once its header is checked.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .images import (
     PreparedImage,
     ResizeSpec,
     decode_opened,
+    device_decodable,
     open_image,
     resize_image,
     return_freed_memory_to_os,
@@ -50,6 +52,7 @@ from .images import (
 logger = logging.getLogger("bentoml.blip_serve")
 
 FRAME = struct.Struct("<II")  # header length, payload length
+NO_PIXELS = np.empty((0,), np.uint8)  # an image the model's device decodes (BLIP_GPU_DECODE)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class DecodeConfig:
     memory_mb: int  # memory one upload may take, above the child's own
     large_pixels: int  # over this, an upload goes to the large pool
     idle_priority: bool = False
+    device_jpegs: bool = False  # BLIP_GPU_DECODE: answer "device" for a JPEG the model's device decodes
 
     def cpu_budget(self, pixels: int) -> float:
         """CPU seconds for decoding an image of `pixels`: cpu_s at max_pixels, in proportion below."""
@@ -267,6 +271,8 @@ class Decoders:
             header, payload = await self.large.decode(data, owner, large_ok=True)
         if "error" in header:
             raise ClientError(header["error"], status_code=header["status"])
+        if header.get("device"):
+            return PreparedImage(NO_PIXELS, header["width"], header["height"], jpeg=data)
         config = self.small.config
         pixels = np.frombuffer(payload, np.uint8).reshape(3, config.height, config.width)
         return PreparedImage(pixels, header["width"], header["height"])
@@ -282,11 +288,7 @@ def memory_bytes() -> tuple[int, int]:
 
 
 def peak_resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # a system call, not /proc text
 
 
 def widen_pipe(fd: int) -> None:
@@ -343,9 +345,10 @@ def serve(config: DecodeConfig) -> None:
     for pipe in (requests, answers):
         widen_pipe(pipe.fileno())
 
-    def answer(header: dict, payload: bytes = b"") -> None:
+    def answer(header: dict, payload: memoryview | bytes = b"") -> None:
         encoded = json.dumps({**header, "rss": memory_bytes()[1], "peak": peak_resident_bytes()}).encode()
-        answers.write(FRAME.pack(len(encoded), len(payload)) + encoded + payload)
+        answers.write(FRAME.pack(len(encoded), len(payload)) + encoded)
+        answers.write(payload)  # the pixels from where they lie: no copy into one bytes object
         answers.flush()
 
     answer({"ready": True})
@@ -360,13 +363,16 @@ def serve(config: DecodeConfig) -> None:
         signal.setitimer(signal.ITIMER_PROF, config.least_cpu_s())
         try:
             image = open_image(data, limits)
+            if config.device_jpegs and device_decodable(image, data):  # checked, not decoded: the model's device will
+                answer({"device": True, "width": image.width, "height": image.height})
+                continue
             if not task["large_ok"] and image.width * image.height > config.large_pixels:
                 answer({"large": True})
                 continue
             signal.setitimer(signal.ITIMER_PROF, config.cpu_budget(image.width * image.height))
             upright = decode_opened(image, draft)
             pixels = resize_image(upright, spec)
-            answer({"width": upright.width, "height": upright.height}, pixels.tobytes())
+            answer({"width": upright.width, "height": upright.height}, pixels.data.cast("B"))
         except ClientError as exc:
             answer({"status": exc.status_code, "error": exc.message})
         except MemoryError:

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import BadRequest, ClientError, PayloadTooLarge, UnsupportedImage
-from .file_checks import check_exif, check_structure
+from .file_checks import check_exif, check_jpeg, check_structure
 
 # Formats a client may send, by Pillow's name. Everything else (SVG, PDF, ICO, PSD ...) is refused
 # before Pillow's other plugins look at the bytes.
@@ -116,6 +116,23 @@ def decode_image(data: bytes, limits: ImageLimits, draft_size: tuple[int, int] |
     return decode_opened(open_image(data, limits), draft_size)
 
 
+def device_decodable(image: Image.Image, data: bytes) -> bool:
+    """Whether an opened upload (`data`, opened as `image`) can be decoded on the model's device
+    (BLIP_GPU_DECODE): a complete baseline 8-bit JPEG in colour or grey, upright as stored. nvJPEG's
+    batched decode takes these; the rest (PNG, WebP, CMYK, progressive, an EXIF rotation, an MPO, a
+    cut-off file, whose error the API's decode words) is decoded here."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
+        return False
+    if not check_jpeg(data):
+        return False
+    with pillow_errors():
+        check_exif_sources(image)
+        return image.getexif().get(ORIENTATION, 1) == 1
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
 def check_exif_sources(image: Image.Image) -> None:
     """The EXIF block Pillow parses to find the orientation, wherever the file kept it."""
     if isinstance(image.info.get("exif"), bytes):
@@ -198,9 +215,10 @@ def resize_image(image: Image.Image, spec: ResizeSpec) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    pixels: np.ndarray  # (3, H, W) uint8 at the model's input size
+    pixels: np.ndarray  # (3, H, W) uint8 at the model's input size; empty when `jpeg` is set
     width: int  # of the upload, upright
     height: int
+    jpeg: bytes = b""  # the upload itself, for the model's device to decode (BLIP_GPU_DECODE)
 
 
 def prepare_image(data: bytes, limits: ImageLimits, spec: ResizeSpec, jpeg_draft: bool = False) -> PreparedImage:

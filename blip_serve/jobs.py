@@ -14,7 +14,8 @@ from bentoml import IODescriptor
 class CaptionJob(IODescriptor):
     """One image's share of a batch, as the API service sends it to the model service."""
 
-    pixels: np.ndarray  # (3, H, W) uint8, already resized to the model's input size
+    pixels: np.ndarray  # (3, H, W) uint8, already resized to the model's input size; empty with `jpeg`
+    jpeg: bytes = b""  # BLIP_GPU_DECODE: a checked JPEG, decoded and resized on the model's device
     prompt: str | None = None
     max_new_tokens: int
     num_beams: int = 1

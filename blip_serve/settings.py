@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_side: int = Field(12_000, ge=1)
     jpeg_draft: bool = False  # decode JPEGs at a reduced DCT scale: faster, not bit-exact
+    gpu_decode: bool = False  # baseline JPEGs decoded and resized on the model's device (nvJPEG): not bit-exact
     decode_processes: int = Field(0, ge=0, le=256)  # per API worker, for small images; 0: one per core
     max_concurrent_decodes: int = Field(0, ge=0, le=256)  # large (over 4 MP) decodes at once; 0: half the cores
     decode_cpu_s: float = Field(10.0, gt=0, le=3600)  # CPU seconds for a max_image_pixels decode; in proportion below

@@ -6,6 +6,9 @@
   # blip-serve against the per-request baseline, side by side on this machine, same model
   python -m load_test compare --model models/blip-base --tokens 20 --concurrency 1 4 8 16
 
+  # the server around the model: a near-free BLIP (real 384x384 input, tiny layers) on all three
+  python -m load_test compare --model micro --concurrency 32 --requests 640
+
 Writes results.json, results.csv and results.png to --out, and prints a table (and ratios).
 """
 
@@ -20,25 +23,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+from blip_serve.tiny_model import make_blip
+
 from .client import StepReport, run_step
 from .report import ratios, table, write_all
 from .sample_images import load_images
 from .servers import BaselineServer, BentoServer, LitServeServer
 
 
-def sweep(name: str, url: str, images, args) -> list[StepReport]:
+def sweep(name: str, url: str, images, args, cpu_seconds=None) -> list[StepReport]:
     """Warm the server up once (a fresh model's first batches run slower), then one step per
-    concurrency and per open-loop rate."""
+    concurrency and per open-loop rate. `cpu_seconds`: the server's CPU meter (ServerProcess)."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if args.warmup:
         asyncio.run(run_step(name, url, images, "closed", 8, args.warmup, 0, headers))
     steps = []
     for concurrency in args.concurrency:
         total = max(args.requests, concurrency * args.rounds)
-        steps.append(asyncio.run(run_step(name, url, images, "closed", concurrency, total, 0, headers)))
+        steps.append(
+            asyncio.run(run_step(name, url, images, "closed", concurrency, total, 0, headers, cpu_seconds=cpu_seconds))
+        )
         print(table(steps[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     for rate in args.rate:
-        steps.append(asyncio.run(run_step(name, url, images, "open", rate, args.requests, 0, headers)))
+        steps.append(
+            asyncio.run(run_step(name, url, images, "open", rate, args.requests, 0, headers, cpu_seconds=cpu_seconds))
+        )
         print(table(steps[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     return steps
 
@@ -96,9 +105,13 @@ def run(args) -> None:
 def compare(args) -> None:
     """Start each server in turn on this machine (never both at once), sweep it, stop it."""
     images = load_images(args.images, size=args.image_size)
-    env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.model == "micro":  # made here: BLIP's real input size, layers that cost almost nothing
+        args.model = str(out / "micro-model")
+        if not Path(args.model, "config.json").exists():
+            make_blip(args.model, micro=True)
+    env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
     servers = {
@@ -112,7 +125,7 @@ def compare(args) -> None:
     for name in args.servers:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
         with servers[name]() as server:
-            steps += sweep(name, f"{server.url}/caption", images, args)
+            steps += sweep(name, f"{server.url}/caption", images, args, server.cpu_seconds)
         if name == "blip-serve" and args.ceiling:  # again: a shared machine's speed drifts within minutes
             ceiling += measure_ceiling(args)
         write_all(steps, out, {"ceiling": ceiling})  # so far: a run cut short keeps what it measured
@@ -174,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     compare_parser = commands.add_parser(
         "compare", parents=[common], help="blip-serve vs the per-request baseline and LitServe"
     )
-    compare_parser.add_argument("--model", required=True, help="model directory both servers load")
+    compare_parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory the servers load; 'micro': a near-free BLIP made in --out, to measure the servers",
+    )
     compare_parser.add_argument("--tokens", type=int, default=20, help="tokens generated per caption, forced on both")
     compare_parser.add_argument(
         "--servers",

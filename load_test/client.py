@@ -40,6 +40,9 @@ class StepReport:
     batch_sizes: dict[str, float] = field(default_factory=dict)  # bucket upper bound -> batches
     mean_batch_size: float | None = None
     model_busy: float | None = None  # share of the step's time the model spent computing batches
+    cpu_ms_per_image: float | None = None  # CPU the whole server spent per image answered
+    api_cpu_ms_per_image: float | None = None  # of which blip-serve's API side (HTTP, decode, resize)
+    model_cpu_ms_per_image: float | None = None  # and its model side (HTTP, batching, BLIP)
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -166,8 +169,11 @@ async def run_step(
     headers: dict | None = None,
     timeout_s: float = 600,
     show_progress: bool = True,
+    cpu_seconds=None,
 ) -> StepReport:
-    """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`."""
+    """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`.
+    `cpu_seconds`: a function giving the server's CPU so far ({"total": s, "api": s, ...}), read
+    before and after the step."""
     headers = headers or {}
     base_url = url.rsplit("/caption", 1)[0]
     # Idle connections are dropped before uvicorn's 5 s keep-alive timeout can close them under us.
@@ -176,6 +182,7 @@ async def run_step(
         if warmup:
             await closed_loop(session, url, images, max(1, int(load)) if mode == "closed" else 1, warmup, headers)
         before = await read_batch_histogram(session, base_url)
+        cpu_before = cpu_seconds() if cpu_seconds else {}
         label = f"{server} {mode} {'c' if mode == 'closed' else 'rate '}{load:g}"
         # disable=None: no bar when stderr is not a terminal (a log file)
         with tqdm(total=total, desc=label, leave=False, disable=None if show_progress else True) as progress:
@@ -185,11 +192,17 @@ async def run_step(
             else:
                 outcomes = await open_loop(session, url, images, load, total, headers, progress=progress)
             duration = time.perf_counter() - started
+        cpu_after = cpu_seconds() if cpu_seconds else {}
         after = await read_batch_histogram(session, base_url)
 
     ok = [o.latency_s for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in outcomes]
     buckets, mean_batch = batch_distribution(before, after)
+    cpu_ms = {
+        part: round((cpu_after[part] - cpu_before[part]) * 1000 / len(ok), 2)
+        for part in cpu_after
+        if ok and cpu_after[part] is not None
+    }
     busy = (after["busy_s"] - before.get("busy_s", 0.0)) / duration if "busy_s" in after else None
     return StepReport(
         server=server,
@@ -207,4 +220,7 @@ async def run_step(
         batch_sizes=buckets,
         mean_batch_size=None if mean_batch is None else round(mean_batch, 2),
         model_busy=None if busy is None else round(busy, 3),
+        cpu_ms_per_image=cpu_ms.get("total"),
+        api_cpu_ms_per_image=cpu_ms.get("api"),
+        model_cpu_ms_per_image=cpu_ms.get("model"),
     )

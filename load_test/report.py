@@ -20,6 +20,9 @@ COLUMNS = [
     "max_s",
     "mean_batch_size",
     "model_busy",
+    "cpu_ms_per_image",
+    "api_cpu_ms_per_image",
+    "model_cpu_ms_per_image",
     "statuses",
 ]
 

@@ -124,6 +124,28 @@ class ServerProcess:
             self.log.close()
             self.process = None
 
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """CPU time (user + system) of the server's processes so far, those that ended included:
+        "total"; for blip-serve also "api" (its API workers with their decode processes) and
+        "model" (its model workers); None for a server that has no such processes."""
+        seconds = {"total": 0.0, "api": None, "model": None}
+        root = psutil.Process(self.process.pid)
+        roles: dict[int, str] = {}
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                command = process.cmdline()
+                parent = process.ppid()
+            except psutil.Error:  # ended meanwhile: its time is in its parent's children_* now
+                continue
+            spent = times.user + times.system + times.children_user + times.children_system
+            role = "api" if "CaptionAPI" in command else "model" if "BlipModelService" in command else roles.get(parent)
+            if role:
+                roles[process.pid] = role
+                seconds[role] = (seconds[role] or 0.0) + spent
+            seconds["total"] += spent
+        return seconds
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -156,3 +156,30 @@ def test_jpeg_draft_setting_reaches_the_decoder(tiny_model_dir, tmp_path):
     assert response.status_code == 200, response.text
     # The tiny model takes 64 px: libjpeg's 1/8 scale (504x378) still covers it.
     assert "request_id=draft-1" in log and "image=504x378" in log
+
+
+def test_gpu_decode_setting_sends_baseline_jpegs_to_the_model(tiny_model_dir, tmp_path, reference):
+    """BLIP_GPU_DECODE on a CPU: the model process decodes (Pillow) and resizes (torch) a baseline
+    JPEG; anything else, and every error, takes the API's path as before."""
+    import numpy as np
+    from PIL import Image
+
+    from blip_serve.device_images import DeviceJpegs
+    from load_test.servers import BentoServer
+
+    jpeg = encode(scene(32, (640, 480)), "JPEG", quality=90)
+    png = encode(scene(33), "PNG")
+    with BentoServer({"BLIP_MODEL": tiny_model_dir, "BLIP_GPU_DECODE": "true"}, tmp_path / "gpu-decode.log") as served:
+        info = httpx.get(f"{served.url}/info").json()
+        answers = [
+            post_caption(served, files={"file": (name, data)}) for name, data in [("a.jpg", jpeg), ("b.png", png)]
+        ]
+        truncated = post_caption(served, files={"file": ("c.jpg", jpeg[: len(jpeg) // 2])})
+        batch = post_captions(served, [("file", ("a.jpg", jpeg)), ("file", ("b.png", png))])
+
+    assert info["jpeg_decoder"] == "pillow"
+    device_pixels = DeviceJpegs("cpu", 64, 64)([jpeg])[0].numpy()
+    expected_jpeg = reference.caption_image(Image.fromarray(np.ascontiguousarray(device_pixels.transpose(1, 2, 0))))
+    assert [a.json()["caption"] for a in answers] == [expected_jpeg, reference.caption(png)]
+    assert [c["caption"] for c in batch.json()["captions"]] == [expected_jpeg, reference.caption(png)]
+    assert truncated.status_code == 415 and "not a complete, valid image" in truncated.json()["error"]  # the API decoded it

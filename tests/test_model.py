@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from blip_serve.images import ImageLimits, ResizeSpec, decode_image, prepare_image
 from blip_serve.jobs import CaptionJob
@@ -37,6 +38,8 @@ def test_normalized_pixels_equal_the_image_processor_bit_for_bit(captioner, tiny
     pixels = np.stack([prepare_image(data, ImageLimits(), spec).pixels for data in upload_corpus().values()])
     expected = np.stack([processor(images=image, return_tensors="np")["pixel_values"][0] for image in images])
     assert np.array_equal(captioner.normalize(pixels).numpy(), expected)
+    # The torch lookup a GPU runs, here on the CPU: the same values.
+    assert np.array_equal(captioner.normalize.on_device(torch.from_numpy(pixels)).numpy(), expected)
 
 
 def test_a_batch_equals_one_generate_per_image(captioner, jobs, reference):
