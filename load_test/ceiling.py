@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 
+from blip_serve.decode_workers import NO_PIXELS
 from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
 from blip_serve.jobs import CaptionJob
 from blip_serve.model import BlipCaptioner
@@ -19,8 +20,12 @@ from blip_serve.settings import load_settings
 from load_test.sample_images import sample_images
 
 
-def make_jobs(model_dir: str, count: int, tokens: int) -> list[CaptionJob]:
+def make_jobs(model_dir: str, count: int, tokens: int, jpegs: bool = False) -> list[CaptionJob]:
+    """640x480 JPEGs as the API service sends them: resized pixels, or with `jpegs`
+    (BLIP_GPU_DECODE) the files themselves, so that the ceiling includes the device's decode."""
     spec = ResizeSpec.from_model_dir(model_dir)
+    if jpegs:
+        return [CaptionJob(pixels=NO_PIXELS, jpeg=data, max_new_tokens=tokens) for _, data in sample_images(count)]
     return [
         CaptionJob(pixels=prepare_image(data, ImageLimits(), spec).pixels, max_new_tokens=tokens)
         for _, data in sample_images(count)
@@ -60,13 +65,14 @@ def main() -> None:
         }
     )
     captioner = BlipCaptioner(args.model, settings)
-    jobs = make_jobs(args.model, max(args.batch_size), args.tokens)
+    jobs = make_jobs(args.model, max(args.batch_size), args.tokens, jpegs=settings.gpu_decode)
     for batch_size in args.batch_size:
         rate, captions = measure(captioner, jobs, batch_size, args.repeats)
         result = {
             "precision": captioner.precision,
             "attention": settings.attention,
             "compiled": captioner.fast_decoder is not None,
+            "jpeg_decoder": captioner.describe()["jpeg_decoder"],
             "threads": captioner.threads,
             "batch_size": batch_size,
             "tokens": args.tokens,

@@ -42,6 +42,7 @@ class StepReport:
     model_busy: float | None = None  # share of the step's time the model spent computing batches
     cpu_ms_per_image: float | None = None  # CPU the whole server spent per image answered
     api_cpu_ms_per_image: float | None = None  # of which blip-serve's API side (HTTP, decode, resize)
+    decode_cpu_ms_per_image: float | None = None  # of the API side, its decode processes
     model_cpu_ms_per_image: float | None = None  # and its model side (HTTP, batching, BLIP)
 
     def row(self) -> dict:
@@ -222,5 +223,6 @@ async def run_step(
         model_busy=None if busy is None else round(busy, 3),
         cpu_ms_per_image=cpu_ms.get("total"),
         api_cpu_ms_per_image=cpu_ms.get("api"),
+        decode_cpu_ms_per_image=cpu_ms.get("decode"),
         model_cpu_ms_per_image=cpu_ms.get("model"),
     )

@@ -4,8 +4,10 @@ the draft decode's captions agree with the exact ones on a model.
     python -m load_test.decode_cost --model models/blip-base --tokens 20 --count 12
 
 Prints one JSON line per size: CPU ms per image on one core (decode + transformers' processor, as
-the API did before the uint8 transport; decode + resize now; the same with the draft decode),
-bytes that cross to the model service per image, and caption agreement (exact vs draft, fp32).
+the API did before the uint8 transport; decode + resize now; the same with the draft decode; the
+model process's decode + resize with BLIP_GPU_DECODE, here on the CPU), bytes that cross to the
+model service per image, and caption agreement with the exact path (fp32) of the draft decode and
+of BLIP_GPU_DECODE's pixels, with their largest and mean difference in levels.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import json
 import pickle
 import time
+
+import numpy as np
 
 from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
 from blip_serve.jobs import CaptionJob
@@ -45,6 +49,17 @@ def cpu_ms_with_transformers(images: list[bytes], model_dir: str, repeats: int =
     return (time.process_time() - started) * 1000 / (repeats * len(images))
 
 
+def cpu_ms_device_path(images: list[bytes], spec: ResizeSpec, repeats: int = 3) -> float:
+    """BLIP_GPU_DECODE's decode and resize, run on the CPU (the model process does it there)."""
+    from blip_serve.device_images import DeviceJpegs
+
+    device = DeviceJpegs("cpu", spec.height, spec.width)
+    started = time.process_time()
+    for _ in range(repeats):
+        device(images)
+    return (time.process_time() - started) * 1000 / (repeats * len(images))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (its resize size and, for agreement, BLIP)")
@@ -69,6 +84,7 @@ def main() -> None:
             "cpu_ms_transformers": round(cpu_ms_with_transformers(images, args.model), 1),
             "cpu_ms_exact": round(cpu_ms_per_image(images, spec, False), 1),
             "cpu_ms_draft": round(cpu_ms_per_image(images, spec, True), 1),
+            "cpu_ms_device_path_on_cpu": round(cpu_ms_device_path(images, spec), 1),
             "uint8_bytes": exact[0].nbytes,
             "float32_bytes": exact[0].nbytes * 4,
             "pickled_job_bytes": len(pickle.dumps(CaptionJob(pixels=exact[0], max_new_tokens=args.tokens))),
@@ -80,8 +96,16 @@ def main() -> None:
                 jobs = [CaptionJob(pixels=p, max_new_tokens=args.tokens) for p in pixels]
                 return [r.caption for r in captioner.caption_jobs(jobs)]
 
-            agree = sum(a == b for a, b in zip(captions(exact), captions(draft)))
-            row["draft_captions_equal"] = f"{agree}/{len(images)}"
+            from blip_serve.device_images import DeviceJpegs
+
+            device = list(DeviceJpegs("cpu", spec.height, spec.width)(images).numpy())
+            difference = np.abs(np.stack(device).astype(int) - np.stack(exact).astype(int))
+            exact_captions = captions(exact)
+            for name, pixels in (("draft", draft), ("device", device)):
+                agree = sum(a == b for a, b in zip(exact_captions, captions(pixels)))
+                row[f"{name}_captions_equal"] = f"{agree}/{len(images)}"
+            row["device_max_level_difference"] = int(difference.max())
+            row["device_mean_level_difference"] = round(float(difference.mean()), 3)
         print(json.dumps(row), flush=True)
 
 

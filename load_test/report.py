@@ -22,6 +22,7 @@ COLUMNS = [
     "model_busy",
     "cpu_ms_per_image",
     "api_cpu_ms_per_image",
+    "decode_cpu_ms_per_image",
     "model_cpu_ms_per_image",
     "statuses",
 ]

@@ -126,9 +126,10 @@ class ServerProcess:
 
     def cpu_seconds(self) -> dict[str, float | None]:
         """CPU time (user + system) of the server's processes so far, those that ended included:
-        "total"; for blip-serve also "api" (its API workers with their decode processes) and
-        "model" (its model workers); None for a server that has no such processes."""
-        seconds = {"total": 0.0, "api": None, "model": None}
+        "total"; for blip-serve also "api" (its API workers with their decode processes), "decode"
+        (those decode processes alone) and "model" (its model workers); None where a server has no
+        such processes."""
+        seconds = {"total": 0.0, "api": None, "decode": None, "model": None}
         root = psutil.Process(self.process.pid)
         roles: dict[int, str] = {}
         for process in [root, *root.children(recursive=True)]:
@@ -143,6 +144,8 @@ class ServerProcess:
             if role:
                 roles[process.pid] = role
                 seconds[role] = (seconds[role] or 0.0) + spent
+                if role == "api" and roles.get(parent) == "api":
+                    seconds["decode"] = (seconds["decode"] or 0.0) + spent
             seconds["total"] += spent
         return seconds
 

@@ -182,4 +182,6 @@ def test_gpu_decode_setting_sends_baseline_jpegs_to_the_model(tiny_model_dir, tm
     expected_jpeg = reference.caption_image(Image.fromarray(np.ascontiguousarray(device_pixels.transpose(1, 2, 0))))
     assert [a.json()["caption"] for a in answers] == [expected_jpeg, reference.caption(png)]
     assert [c["caption"] for c in batch.json()["captions"]] == [expected_jpeg, reference.caption(png)]
-    assert truncated.status_code == 415 and "not a complete, valid image" in truncated.json()["error"]  # the API decoded it
+    assert (
+        truncated.status_code == 415 and "not a complete, valid image" in truncated.json()["error"]
+    )  # the API decoded it
