@@ -33,7 +33,7 @@ from blip_serve.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
 from blip_serve.decode_workers import DecodeConfig, Decoders
 from blip_serve.docs import DESCRIPTION, openapi_document
 from blip_serve.docs import PAGE as DOCS_PAGE
-from blip_serve.drain import CaptionsInFlight, Drain, api_workers
+from blip_serve.drain import CaptionsInFlight, Drain, InFlight, service_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.fetch import fetch_image
 from blip_serve.http import (
@@ -63,6 +63,7 @@ if home_lock.is_serve_supervisor():  # a second server under this BENTOML_HOME w
 # BLIP's files: a local directory, a hub model (downloaded when the server starts), or the model
 # imported into BentoML's model store, which `bentoml build` packs into the bento.
 MODEL_FILES = model_source(settings.model)
+CAPTIONS_IN_FLIGHT = InFlight()  # this API worker's caption requests: what its drain waits for
 
 # BentoML's OpenTelemetry middleware keeps every request's span alive (~5-20 KB a request, a
 # steady RSS climb; BentoML issue #4760). Unless tracing is wanted, no URL is traced.
@@ -70,9 +71,7 @@ TRACING = {} if settings.tracing else {"excluded_urls": "/"}
 # One access-log line per request: the project's (RequestLog), not BentoML's as well.
 LOGGING = {"access": {"enabled": False}}
 
-server_patches.bound_metric_labels()
-server_patches.use_h11()  # the header timeout patches h11; httptools, if installed, would bypass it
-server_patches.remove_sockets_after_workers()  # a draining API still reaches the model service
+server_patches.apply()  # BentoML's and uvicorn's internals that a public endpoint cannot keep as they are
 
 
 @bentoml.service(
@@ -112,7 +111,9 @@ class BlipModelService:
         )
         # On SIGTERM: serve on until the API workers have answered everything they accepted.
         self.drain = Drain(
-            settings.drain_s, wait_for=api_workers, longest_s=settings.drain_s + settings.request_timeout_s
+            settings.drain_s,
+            wait_for=lambda: service_workers(CaptionAPI.name),
+            longest_s=settings.drain_s + settings.request_timeout_s,
         )
 
     @bentoml.on_startup
@@ -210,9 +211,9 @@ class CaptionAPI:
     def __init__(self) -> None:
         server_patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
         files = model_dir(self.model_files)
-        self.uploads = UploadReader(settings)
         self.model_id = settings.served_model_name or served_model_id(self.model_files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
+        self.uploads = UploadReader(settings, self.text_limits.max_new_tokens_limit)
         self.model_loaded = False
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
@@ -239,7 +240,7 @@ class CaptionAPI:
         return_freed_memory_to_os()  # request bodies go back to the OS once answered
         # On SIGTERM: /readyz 503 for BLIP_DRAIN_S, then exit once the caption requests are answered.
         self.drain = Drain(
-            settings.drain_s, in_flight=CaptionsInFlight, longest_s=settings.drain_s + settings.request_timeout_s + 10
+            settings.drain_s, in_flight=CAPTIONS_IN_FLIGHT, longest_s=settings.drain_s + settings.request_timeout_s + 10
         )
 
     @bentoml.on_startup
@@ -266,7 +267,7 @@ class CaptionAPI:
 
     @app.get("/docs.json", include_in_schema=False)
     async def docs_json(self) -> JSONResponse:
-        return JSONResponse(openapi_document(app))
+        return JSONResponse(openapi_document(app, self.text_limits.max_new_tokens_limit))
 
     @app.get("/info", response_model=ServerInfo)
     async def info(self) -> ServerInfo:
@@ -385,10 +386,9 @@ def caption_job(image: PreparedImage, options: CaptionOptions) -> CaptionJob:
 app.add_middleware(
     RequestGuard,
     max_bytes=settings.max_upload_bytes,
-    # A /v1/chat/completions body holds the image in base64: a third larger, plus the messages.
     path_max_bytes={
         "/captions": settings.max_request_bytes,
-        "/v1/chat/completions": settings.max_upload_bytes * 4 // 3 + 1024 * 1024,
+        "/v1/chat/completions": settings.chat_body_bytes(),
     },
     body_timeout_s=settings.body_timeout_s,
     request_timeout_s=settings.request_timeout_s,
@@ -396,7 +396,7 @@ app.add_middleware(
 )
 # Around every path, BentoML's own (/readyz, /metrics ...) too. BentoML makes the first added the
 # outermost: CaptionsInFlight, then RequestLog, then JsonErrors, so the log has the status JsonErrors sends.
-CaptionAPI.add_asgi_middleware(CaptionsInFlight)  # what a drain waits for
+CaptionAPI.add_asgi_middleware(CaptionsInFlight, counter=CAPTIONS_IN_FLIGHT)  # what a drain waits for
 CaptionAPI.add_asgi_middleware(RequestLog)
 CaptionAPI.add_asgi_middleware(JsonErrors)
 

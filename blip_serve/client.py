@@ -33,8 +33,12 @@ from pathlib import Path
 
 import httpx
 
+from .formats import IMAGE_SUFFIXES
+
 RETRY_STATUSES = {502, 503, 504}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# The server's BLIP_REQUEST_TIMEOUT_S default (120 s) and 10 more, so that its own JSON 504 arrives
+# first; nginx/ and k8s/ wait as long (tests/unit/test_settings.py holds them all to settings.py).
+TIMEOUT_S = 130.0
 
 
 class BlipError(Exception):
@@ -116,7 +120,7 @@ class AsyncBlipClient:
         self,
         url: str = "http://127.0.0.1:3000",
         api_key: str | None = None,
-        timeout_s: float = 130.0,
+        timeout_s: float = TIMEOUT_S,
         retries: int = 6,
         max_retry_wait_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -531,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="with --sidecar: replace sidecar files that exist")
     parser.add_argument("--prompt", help="text BLIP continues, for every image")
     parser.add_argument("--retries", type=int, default=8, help="retries of a request that got 502/503/504 or no answer")
-    parser.add_argument("--timeout", type=float, default=130.0, help="seconds for a whole answer to arrive")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds for a whole answer to arrive")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.resume and not (args.out or args.sidecar):

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import ClientError, PayloadTooLarge, Unavailable, UnsupportedImage
+from .formats import ACCEPTED_TEXT
 from .images import (
     ImageLimits,
     PreparedImage,
@@ -206,7 +207,7 @@ class DecodePool:
                 f"({self.config.cpu_s:g} s for {self.config.max_pixels / 1e6:g} MP, in proportion for fewer "
                 "pixels): send it as an ordinary JPEG or PNG"
             )
-        return UnsupportedImage("the file could not be decoded: send an uncorrupted JPEG, PNG, WebP, GIF, BMP or TIFF")
+        return UnsupportedImage(f"the file could not be decoded: send an uncorrupted {ACCEPTED_TEXT}")
 
     async def take(self, owner: int) -> DecodeProcess:
         if self.idle and not self.waiting:

@@ -8,6 +8,8 @@ outside the server.
 
 from __future__ import annotations
 
+import copy
+
 from fastapi import FastAPI
 
 from . import __version__
@@ -44,9 +46,15 @@ PAGE = """<!DOCTYPE html>
 """
 
 
-def openapi_document(app: FastAPI) -> dict:
-    """FastAPI's document for the app's routes, plus the health and metrics routes BentoML serves."""
-    document = dict(app.openapi())
+TOKEN_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def openapi_document(app: FastAPI, max_new_tokens_limit: int) -> dict:
+    """FastAPI's document for the app's routes, plus the health and metrics routes BentoML serves.
+    Every token-count field says the limit the server enforces (TextLimits: the setting, clamped
+    to the model's positions, which the routes' declarations cannot know before the model loads)."""
+    document = copy.deepcopy(app.openapi())
+    set_token_limit(document, max_new_tokens_limit)
     document["info"] = {"title": "blip-serve", "version": __version__, "description": DESCRIPTION}
     paths = dict(document["paths"])
     for path, summary in HEALTH.items():
@@ -56,3 +64,20 @@ def openapi_document(app: FastAPI) -> dict:
         }
     document["paths"] = paths
     return document
+
+
+def set_token_limit(node: object, limit: int) -> None:
+    """`maximum` of every token-count field: body properties and query parameters."""
+    if isinstance(node, dict):
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        fields = [properties.get(name) for name in TOKEN_FIELDS]
+        if node.get("in") == "query" and node.get("name") in TOKEN_FIELDS:
+            fields.append(node.get("schema"))
+        for field in fields:
+            if isinstance(field, dict):
+                field["maximum"] = limit
+        for value in node.values():
+            set_token_limit(value, limit)
+    elif isinstance(node, list):
+        for value in node:
+            set_token_limit(value, limit)

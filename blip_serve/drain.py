@@ -36,7 +36,7 @@ class Drain:
         self,
         seconds: float,
         wait_for: Callable[[], list[psutil.Process]] | None = None,
-        in_flight: type[CaptionsInFlight] | None = None,
+        in_flight: InFlight | None = None,
         longest_s: float = 0.0,
     ):
         """Serve on for `seconds` after SIGTERM; also until the processes `wait_for` named at SIGTERM
@@ -89,28 +89,37 @@ class Drain:
         return time.monotonic() - self.since >= self.longest_s
 
 
+class InFlight:
+    """How many caption requests this process has started and not yet finished answering: the
+    handle CaptionsInFlight counts into and a Drain waits on."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class CaptionsInFlight:
-    """ASGI middleware counting the requests to `paths` that have started and not yet finished
-    sending their answer, in this process."""
+    """ASGI middleware counting the requests to `paths` into `counter` while they run."""
 
-    count = 0
-
-    def __init__(self, app, paths: tuple[str, ...] = ("/caption", "/captions", "/v1/chat/completions")):
+    def __init__(
+        self, app, counter: InFlight, paths: tuple[str, ...] = ("/caption", "/captions", "/v1/chat/completions")
+    ):
         self.app = app
+        self.counter = counter
         self.paths = paths
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("path") not in self.paths:
             return await self.app(scope, receive, send)
-        CaptionsInFlight.count += 1
+        self.counter.count += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            CaptionsInFlight.count -= 1
+            self.counter.count -= 1
 
 
-def api_workers() -> list[psutil.Process]:
-    """The CaptionAPI workers of this server: the processes beside this one."""
+def service_workers(service_name: str) -> list[psutil.Process]:
+    """The workers of BentoML service `service_name` beside this process: BentoML's supervisor
+    starts each with `--service-name <name>` (_bentoml_impl.worker.service)."""
     try:
         siblings = psutil.Process(os.getppid()).children()
     except psutil.Error:
@@ -118,10 +127,12 @@ def api_workers() -> list[psutil.Process]:
     workers = []
     for process in siblings:
         try:
-            if process.pid != os.getpid() and "CaptionAPI" in process.cmdline():
-                workers.append(process)
+            command = process.cmdline()
         except psutil.Error:
             continue
+        named = any(a == "--service-name" and b == service_name for a, b in zip(command, command[1:]))
+        if process.pid != os.getpid() and named:
+            workers.append(process)
     return workers
 
 

@@ -1,5 +1,5 @@
 """The errors a request can end in, each with its HTTP status; `blip_serve/http.py` renders every
-one as `{"error": message}` in one place."""
+one (http.error_body) in one place."""
 
 from __future__ import annotations
 
@@ -40,10 +40,6 @@ class Unauthorized(ClientError):
 
 class NotFound(ClientError):
     status_code = 404
-
-
-class RequestTimeout(ClientError):
-    status_code = 408
 
 
 class PayloadTooLarge(ClientError):

@@ -8,12 +8,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,9 +22,6 @@ from .errors import ServiceError
 logger = logging.getLogger("bentoml.blip_serve")  # under "bentoml": BentoML's log handlers and format
 T = TypeVar("T")
 
-FIELD_HINTS = {
-    "file": "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)",
-}
 NOT_FOUND = "no such path; the API is POST /caption (see /docs.json)"
 OPENAI_NOT_FOUND = "no such path; the OpenAI-compatible routes are POST /v1/chat/completions and GET /v1/models"
 QUIET_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")  # probes and scrapes: not logged
@@ -47,6 +43,15 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def error_body(status: int, message: str, path: str = "", param: str | None = None) -> dict:
+    """Every error's JSON, wherever it is sent from (the handlers, the middlewares, the patched
+    protocol's raw bytes; nginx's own answers are held to it by tests/unit/test_nginx_config.py):
+    {"error": message}, and on the OpenAI-compatible routes (/v1/...) OpenAI's error shape."""
+    if path.startswith("/v1/"):
+        return openai_error(status, message, param)
+    return {"error": message}
+
+
 def error_response(
     status: int,
     message: str,
@@ -54,10 +59,14 @@ def error_response(
     scope: Scope | None = None,
     param: str | None = None,
 ) -> JSONResponse:
-    """{"error": message}; on the OpenAI-compatible routes (/v1/...), OpenAI's error shape."""
-    if scope is not None and scope.get("path", "").startswith("/v1/"):
-        return JSONResponse(openai_error(status, message, param), status_code=status, headers=headers)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """error_body as a response to the request of `scope`."""
+    path = scope.get("path", "") if scope is not None else ""
+    return JSONResponse(error_body(status, message, path, param), status_code=status, headers=headers)
+
+
+def too_large(max_bytes: int) -> str:
+    """The 413 for a body over `max_bytes` (nginx says the same, in whole megabytes)."""
+    return f"the request body is larger than {max_bytes / 1024 / 1024:g} MB"
 
 
 def method_not_allowed(scope: Scope, allowed: str) -> str:
@@ -73,31 +82,12 @@ def plain_error_message(scope: Scope, status: int, headers: dict[bytes, bytes]) 
     return HTTPStatus(status).phrase
 
 
-def validation_message(errors: list[dict]) -> str:
-    """pydantic's error list -> one sentence per bad field, naming the field and the fix."""
-    parts = []
-    for error in errors:
-        location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query")]
-        field = ".".join(location) or "request"
-        if error.get("type") == "missing":
-            parts.append(f"missing form field '{field}': {FIELD_HINTS.get(field, 'it is required')}")
-        elif field == "file":
-            parts.append(f"the 'file' field must be an uploaded file, not text: {FIELD_HINTS['file']}")
-        else:
-            parts.append(f"'{field}': {error.get('msg', 'invalid value')}")
-    return "; ".join(parts) or "invalid request"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as {"error": "..."}: one place, one shape."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc.status_code, exc.message, exc.headers, request.scope, exc.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, validation_message(exc.errors()), scope=request.scope)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -126,7 +116,11 @@ class RequestGuard:
     `body_timeout_s` (408), and an answer within `request_timeout_s` (504). The bodies one API worker
     reads and decodes at once add up to `max_reading_bytes` at most: past it a request gets 503 at
     once (a busy server is not the client's fault). A client that hangs up cancels its request, and
-    so its call to the model. Each error is JSON and goes through the request log."""
+    so its call to the model. Each error is JSON and goes through the request log.
+
+    In three steps, one owner each: `admit` (what the headers declare, and the worker's reading
+    budget), a GuardedRequest (the body as it streams in, and what the app may still send), and
+    `answer_in_time` (the deadline, and the client's hang-up)."""
 
     def __init__(
         self,
@@ -149,90 +143,132 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         max_bytes = self.path_max_bytes.get(scope.get("path", ""), self.max_bytes)
-        too_large = f"the request body is larger than {max_bytes / 1024 / 1024:g} MB"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            return await error_response(413, too_large, scope=scope)(scope, receive, send)
-        reserved = int(declared) if declared is not None and declared.isdigit() else max_bytes
-        if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
-            busy = "the server is busy reading other uploads; retry shortly"
-            return await error_response(503, busy, {"Retry-After": "1"}, scope)(scope, receive, send)
+        declared_bytes = int(declared) if declared is not None and declared.isdigit() else None
+        refusal = self.admit(scope, max_bytes, declared_bytes)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        reserved = declared_bytes if declared_bytes is not None else max_bytes
         self.reading_bytes += reserved
         try:
-            await self.guarded(scope, receive, send, max_bytes, too_large)
+            request = GuardedRequest(scope, receive, send, max_bytes, self.body_timeout_s)
+            await self.answer_in_time(scope, receive, send, request)
         finally:
             self.reading_bytes -= reserved
 
-    async def guarded(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, too_large: str) -> None:
-        received = 0
-        closing = multipart_closing(scope)  # b"--boundary--" of a multipart body, or None
-        tail = b""
-        body_deadline = time.monotonic() + self.body_timeout_s
-        refusal: JSONResponse | None = None  # set once the body broke a limit
-        started = answered = False
-        hang_up: asyncio.Task | None = None  # reads `receive` once the body is in: a disconnect
+    def admit(self, scope: Scope, max_bytes: int, declared_bytes: int | None) -> JSONResponse | None:
+        """A 413 for a declared length over the limit, a 503 when this worker is reading its
+        budget's worth of bodies already; None: read the body."""
+        if declared_bytes is not None and declared_bytes > max_bytes:
+            return error_response(413, too_large(max_bytes), scope=scope)
+        reserved = declared_bytes if declared_bytes is not None else max_bytes
+        if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
+            busy = "the server is busy reading other uploads; retry shortly"
+            return error_response(503, busy, {"Retry-After": "1"}, scope)
+        return None
 
-        async def guarded_receive() -> Message:
-            nonlocal received, refusal, tail, hang_up
-            if hang_up is not None:  # later reads only wait for a disconnect
-                await asyncio.shield(hang_up)
-                return {"type": "http.disconnect"}
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
-            except TimeoutError:
-                refusal = error_response(
-                    408,
-                    f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster or smaller",
-                    scope=scope,
-                )
-                raise BodyRefused() from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                body_done = not message.get("more_body", False)
-                if closing is not None:  # did the body end with its closing boundary?
-                    tail = (tail + message.get("body", b""))[-(len(closing) + 8) :]
-                    if body_done:
-                        scope.setdefault("state", {})["multipart_complete"] = closing in tail
-                if received > max_bytes:
-                    refusal = error_response(413, too_large, scope=scope)
-                    raise BodyRefused()
-                if body_done:
-                    hang_up = asyncio.ensure_future(wait_for_disconnect(receive))
-                    hang_up.add_done_callback(lambda _: None if answered else work.cancel())
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            # Whatever the app answers once the body broke a limit (FastAPI turns the read error
-            # into a 400), the client gets the refusal instead.
-            nonlocal started, answered
-            if refusal is not None:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                answered = True
-            await send(message)
-
-        work = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
+    async def answer_in_time(self, scope: Scope, receive: Receive, send: Send, request: GuardedRequest) -> None:
+        """Run the app on the guarded request: a 504 if it has not started answering within
+        request_timeout_s, nothing more once the client has hung up, the body's refusal if it
+        broke a limit."""
+        work = asyncio.ensure_future(self.app(scope, request.receive, request.send))
+        request.on_hang_up = work.cancel
         try:
             await asyncio.wait_for(work, self.request_timeout_s)
         except BodyRefused:
             pass
         except TimeoutError:
-            if not started:
+            if not request.started:
                 timed_out = f"no caption within {self.request_timeout_s:g} s; retry later"
                 await error_response(504, timed_out, scope=scope)(scope, receive, send)
             return
         except asyncio.CancelledError:
-            if hang_up is None or not hang_up.done() or hang_up.cancelled():
+            if not request.hung_up():
                 raise  # cancelled from outside, not by the client's hang-up
             return  # the client is gone: nothing to answer
         finally:
             work.cancel()
-            if hang_up is not None:
-                hang_up.cancel()
-        if refusal is not None and not started:
-            await refusal(scope, receive, send)
+            request.close()
+        if request.refusal is not None and not request.started:
+            await request.refusal(scope, receive, send)
+
+
+class GuardedRequest:
+    """One request's exchange as the app sees it: `receive` refuses a body over `max_bytes` (413)
+    or late past `body_timeout_s` (408), notes whether a multipart body ended with its closing
+    boundary (`multipart_complete`, read by uploads.py through `multipart_complete(request)`), and
+    once the body is in watches for the client's hang-up; `send` drops what the app answers after
+    a refusal, which replaces it."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, body_timeout_s: float):
+        self.scope = scope
+        self.upstream_receive = receive
+        self.upstream_send = send
+        self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+        self.deadline = time.monotonic() + body_timeout_s
+        self.received = 0
+        self.closing = multipart_closing(scope)  # b"--boundary--" of a multipart body, or None
+        self.tail = b""
+        self.multipart_complete: bool | None = None  # known once a multipart body has ended
+        self.refusal: JSONResponse | None = None  # set once the body broke a limit
+        self.started = self.answered = False
+        self.hang_up: asyncio.Task | None = None  # reads `receive` once the body is in: a disconnect
+        self.on_hang_up: Callable[[], object] = lambda: None
+        scope.setdefault("state", {})[GUARDED] = self
+
+    async def receive(self) -> Message:
+        if self.hang_up is not None:  # later reads only wait for a disconnect
+            await asyncio.shield(self.hang_up)
+            return {"type": "http.disconnect"}
+        try:
+            message = await asyncio.wait_for(self.upstream_receive(), max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            late = f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster or smaller"
+            self.refusal = error_response(408, late, scope=self.scope)
+            raise BodyRefused() from None
+        if message["type"] == "http.request":
+            self.take(message.get("body", b""), done=not message.get("more_body", False))
+        return message
+
+    def take(self, chunk: bytes, done: bool) -> None:
+        self.received += len(chunk)
+        if self.closing is not None:  # did the body end with its closing boundary?
+            self.tail = (self.tail + chunk)[-(len(self.closing) + 8) :]
+            if done:
+                self.multipart_complete = self.closing in self.tail
+        if self.received > self.max_bytes:
+            self.refusal = error_response(413, too_large(self.max_bytes), scope=self.scope)
+            raise BodyRefused()
+        if done:
+            self.hang_up = asyncio.ensure_future(wait_for_disconnect(self.upstream_receive))
+            self.hang_up.add_done_callback(lambda _: None if self.answered else self.on_hang_up())
+
+    async def send(self, message: Message) -> None:
+        if self.refusal is not None:  # the app's answer to a refused body (FastAPI makes it a 400)
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.answered = True
+        await self.upstream_send(message)
+
+    def hung_up(self) -> bool:
+        return self.hang_up is not None and self.hang_up.done() and not self.hang_up.cancelled()
+
+    def close(self) -> None:
+        if self.hang_up is not None:
+            self.hang_up.cancel()
+
+
+GUARDED = "guarded_request"  # the request state key of its GuardedRequest
+
+
+def multipart_complete(request: Request) -> bool | None:
+    """Whether the request's multipart body ended with its closing boundary (None: not known, or
+    not multipart). Python's multipart parser accepts a body cut off between parts as complete."""
+    guarded = request.scope.get("state", {}).get(GUARDED)
+    return guarded.multipart_complete if guarded is not None else None
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

@@ -27,11 +27,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import BadRequest, ClientError, PayloadTooLarge, UnsupportedImage
 from .file_checks import check_exif, check_jpeg, check_structure
-
-# Formats a client may send, by Pillow's name. Everything else (SVG, PDF, ICO, PSD ...) is refused
-# before Pillow's other plugins look at the bytes.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+from .formats import ACCEPTED_FORMATS, ACCEPTED_TEXT
 
 # Truncated files are errors, not half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

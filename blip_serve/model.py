@@ -22,12 +22,13 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.modeling_blip import BlipAttention
 
 from . import __version__
+from .compiled_generate import StaticCacheDecoder, unsupported_settings
 from .device_images import DeviceJpegs, UndecodableJpeg
-from .fast_decode import StaticCacheDecoder, unsupported_settings
 from .images import image_processor_config
 from .jobs import CaptionJob, CaptionResult, group_jobs
 from .model_files import RANDOM_WEIGHTS
 from .settings import Settings
+from .text_limits import decoder_prompt
 
 logger = logging.getLogger("bentoml.blip_serve")
 
@@ -187,7 +188,7 @@ class BlipCaptioner:
         # threads, and CUDA graph trees are per thread: from a pool, BLIP_COMPILE re-recorded its
         # graphs on most calls (measured on an H200: 3.6-5 s a batch instead of ~0.1 s).
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip-model")
-        self.fast_decoder = self.thread.submit(self.compiled_decoder).result() if settings.compile else None
+        self.compiled = self.thread.submit(self.compiled_decoder).result() if settings.compile else None
         self.attention = settings.attention
         self.random_weights = (Path(model_dir) / RANDOM_WEIGHTS).exists()
         logger.info(
@@ -201,7 +202,7 @@ class BlipCaptioner:
             settings.attention,
             self.threads,
             worker,
-            self.fast_decoder is not None,
+            self.compiled is not None,
             settings.max_batch_size,
         )
 
@@ -211,7 +212,7 @@ class BlipCaptioner:
             "device": self.device,
             "precision": self.precision,
             "attention": self.attention,
-            "compiled": self.fast_decoder is not None,
+            "compiled": self.compiled is not None,
             "jpeg_decoder": self.device_jpegs.decoder if self.device_jpegs else "api",
             "torch_threads": self.threads,
             "random_weights": self.random_weights,
@@ -284,7 +285,7 @@ class BlipCaptioner:
         prompt_inputs, start = {}, 1  # generate starts from [DEC], or [DEC] + the prompt's tokens
         if prompt:
             tokens = self.processor.tokenizer(prompt, return_tensors="pt")  # once: every job has this prompt
-            start = tokens["input_ids"].shape[1] - 1
+            start = len(decoder_prompt(tokens["input_ids"][0].tolist(), 0))
             prompt_inputs = {
                 "input_ids": tokens["input_ids"].repeat(len(jobs), 1).to(self.device),
                 "attention_mask": tokens["attention_mask"].repeat(len(jobs), 1).to(self.device),
@@ -295,8 +296,8 @@ class BlipCaptioner:
             )
         pixel_values = self.pixel_values(jobs).to(self.input_dtype)
         min_new_tokens = min(self.min_new_tokens, max_new_tokens)
-        if self.fast_decoder is not None and num_beams == 1:
-            output = self.fast_decoder.generate(
+        if self.compiled is not None and num_beams == 1:
+            output = self.compiled.generate(
                 pixel_values, prompt_inputs.get("input_ids"), max_new_tokens, min_new_tokens
             )
             return self.results(output, start)

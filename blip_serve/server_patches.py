@@ -1,6 +1,9 @@
 """Workarounds for things BentoML's server does that a public endpoint cannot afford.
 
-Applied once, from service.py, in every server process; each one is tested by the suite.
+Each replaces private code of the versions in WRITTEN_FOR, where no public setting does the job,
+and each is tested by the suite. service.py applies them from one place: `apply()` at import, in
+every server process (it refuses to start on other versions of BentoML or uvicorn), and
+`time_out_silent_connections` in the API's workers. Applying one twice changes nothing more.
 
 1. bound_metric_labels: BentoML's metrics middleware labels every request with its raw path, so
    each new unknown path a client sends adds ~20 series to /metrics (4,000 such requests made a
@@ -26,9 +29,34 @@ Applied once, from service.py, in every server process; each one is tested by th
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 from starlette.routing import Match
+
+from .http import error_body
+
+# The releases whose private code the patches replace (requirements.txt pins them).
+WRITTEN_FOR = {"bentoml": "1.4.40", "uvicorn": "0.54.0"}
+
+
+def apply() -> None:
+    """The patches every server process needs, after checking the versions they were written for."""
+    check_versions()
+    bound_metric_labels()
+    use_h11()  # the header timeout patches h11; httptools, if installed, would bypass it
+    remove_sockets_after_workers()  # a draining API still reaches the model service
+
+
+def check_versions() -> None:
+    for package, version in WRITTEN_FOR.items():
+        installed = importlib.metadata.version(package)
+        if installed != version:
+            raise RuntimeError(
+                f"blip_serve/server_patches.py replaces private code of {package} {version}, and {package} "
+                f"{installed} is installed: install {package}=={version} (requirements.txt), or check each "
+                "patch against the new release and update WRITTEN_FOR"
+            )
 
 
 def bound_metric_labels() -> None:
@@ -78,7 +106,8 @@ def has_route(app, scope: dict) -> bool:
 
 
 def json_response_bytes(status: int, reason: str, message: str) -> bytes:
-    body = json.dumps({"error": message}).encode() + b"\n"
+    """A whole HTTP/1.1 error answer as bytes, for a connection that has no request (yet)."""
+    body = json.dumps(error_body(status, message)).encode() + b"\n"
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -100,12 +129,14 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     if getattr(H11Protocol, "_blip_header_timeout", None) is not None:
-        H11Protocol._blip_header_timeout = header_timeout_s
+        H11Protocol._blip_header_timeout = header_timeout_s  # the timer and its 408 read it when they run
         return
     H11Protocol._blip_header_timeout = header_timeout_s
-    timed_out = json_response_bytes(
-        408, "Request Timeout", f"no complete request headers within {header_timeout_s:g} s; connection closed"
-    )
+
+    def timed_out(timeout_s: float) -> bytes:
+        message = f"no complete request headers within {timeout_s:g} s; connection closed"
+        return json_response_bytes(408, "Request Timeout", message)
+
     not_http = json_response_bytes(400, "Bad Request", "the request is not valid HTTP/1.1")
 
     def arm(self) -> None:
@@ -127,7 +158,7 @@ def time_out_silent_connections(header_timeout_s: float) -> None:
         self._blip_header_timer = None
         if waiting_for_headers(self) and not self.transport.is_closing():
             if getattr(self, "_blip_partial", False):
-                self.transport.write(timed_out)
+                self.transport.write(timed_out(self._blip_header_timeout))
             self.transport.close()
 
     original = {

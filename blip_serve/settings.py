@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "hybrid", "fp16"] = "auto"
     attention: Literal["sdpa", "eager"] = "sdpa"
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: one per core the model process may use
-    compile: bool = False  # greedy decoding through a static KV cache and a compiled step (fast_decode.py)
+    compile: bool = False  # greedy decoding through a static KV cache and a compiled step (compiled_generate.py)
     api_workers: int = Field(1, ge=1, le=256)  # API service processes (decode + resize)
     model_workers: int = Field(1, ge=1, le=64)  # model processes: one per GPU; on a CPU they split the cores
     max_batch_size: int = Field(8, ge=1, le=4096)  # sequences (images x beams) in one generate
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
 
     def fetch_hosts(self) -> frozenset[str]:
         return frozenset(host.strip().lower() for host in self.fetch_url_hosts.split(",") if host.strip())
+
+    def chat_body_bytes(self) -> int:
+        """The largest /v1/chat/completions body: the image in base64 (a third larger) and 1 MB of
+        messages."""
+        return self.max_upload_bytes * 4 // 3 + 1024 * 1024
 
     def queued_images_limit(self) -> int:
         """BLIP_MAX_QUEUED_IMAGES, or its default: a few batches, and never less than one /captions."""

@@ -24,11 +24,18 @@ def decoder_positions(model_dir: str | Path) -> int:
     return int(config.get("text_config", {}).get("max_position_embeddings", 512))
 
 
+def decoder_prompt(token_ids: list[int], start_id: int) -> list[int]:
+    """BLIP's rule for a prompt, as BlipForConditionalGeneration.generate applies it: the decoder
+    starts from the tokenizer's ids with [CLS] turned into [DEC] (`start_id`) and the final [SEP]
+    dropped; without a prompt, from [DEC] alone."""
+    return [start_id, *token_ids[1:-1]] if token_ids else [start_id]
+
+
 @dataclass
 class TextLimits:
     tokenizer: Tokenizer
     positions: int
-    max_new_tokens_limit: int  # the setting, clamped to what the positions allow
+    max_new_tokens_limit: int  # the setting, clamped to what the positions allow: the one value served
 
     @classmethod
     def for_model(cls, model_dir: str | Path, max_new_tokens_limit: int) -> TextLimits:
@@ -45,18 +52,13 @@ class TextLimits:
         return cls(tokenizer, positions, min(max_new_tokens_limit, allowed))
 
     def start_length(self, prompt: str | None) -> int:
-        """Tokens the decoder starts from: [DEC] alone, or [DEC] + the prompt's tokens (BLIP's
-        generate turns the tokenizer's [CLS] into [DEC] and drops its final [SEP])."""
-        if not prompt:
-            return 1
-        return len(self.tokenizer.encode(prompt).ids) - 1
+        """Tokens the decoder starts from (decoder_prompt)."""
+        return len(decoder_prompt(self.tokenizer.encode(prompt).ids if prompt else [], 0))
 
     def check(self, prompt: str | None, max_new_tokens: int) -> None:
-        """BadRequest, with the numbers, unless the caption fits in the decoder's positions."""
-        if max_new_tokens > self.max_new_tokens_limit:
-            raise BadRequest(
-                f"'max_new_tokens' is {max_new_tokens}; the most this server allows is {self.max_new_tokens_limit}"
-            )
+        """BadRequest, with the numbers, unless the prompt and the caption fit in the decoder's
+        positions (max_new_tokens alone is bounded by max_new_tokens_limit where the options are
+        read: uploads.options_model)."""
         start = self.start_length(prompt)
         if start + max_new_tokens > self.positions:
             raise BadRequest(

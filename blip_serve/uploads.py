@@ -21,10 +21,12 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
 from .errors import BadRequest, UnsupportedImage
-from .http import CUT_OFF, FIELD_HINTS, validation_message
+from .formats import ACCEPTED_TEXT
+from .http import CUT_OFF, multipart_complete
 from .settings import Settings
 
-MISSING_FILE = f"missing form field 'file': {FIELD_HINTS['file']}"
+SEND_FILE = "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)"
+MISSING_FILE = f"missing form field 'file': {SEND_FILE}"
 BODIES = 'multipart/form-data (field \'file\'), application/json ({"image": "<base64>"}) or the image itself'
 
 
@@ -35,29 +37,35 @@ class CaptionOptions:
     num_beams: int
 
 
+def option_errors(errors: list[dict]) -> str:
+    """pydantic's errors for the options -> "'field': what is wrong", one per bad field."""
+    return "; ".join(f"'{'.'.join(map(str, error['loc']))}': {error['msg']}" for error in errors)
+
+
 @dataclass(frozen=True)
 class Upload:
     filename: str
     data: bytes
 
 
-def options_model(settings: Settings) -> type[BaseModel]:
+def options_model(settings: Settings, max_new_tokens_limit: int) -> type[BaseModel]:
     """The options as a client sends them, with this server's limits: a bad value is a 400 that
-    names the field and the limit."""
+    names the field and the limit. `max_new_tokens_limit`: the setting as TextLimits clamps it to
+    the model's positions (its one home; /docs.json publishes the same)."""
 
     class CaptionOptionFields(BaseModel):
         model_config = ConfigDict(extra="ignore")
         prompt: str | None = Field(None, max_length=settings.max_prompt_chars)
-        max_new_tokens: int | None = Field(None, ge=1, le=settings.max_new_tokens_limit)
+        max_new_tokens: int | None = Field(None, ge=1, le=max_new_tokens_limit)
         num_beams: int | None = Field(None, ge=1, le=settings.max_beams)
 
     return CaptionOptionFields
 
 
 class UploadReader:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, max_new_tokens_limit: int):
         self.settings = settings
-        self.options = options_model(settings)
+        self.options = options_model(settings, max_new_tokens_limit)
 
     def caption_options(self, values: dict) -> CaptionOptions:
         present = {name: value for name, value in values.items() if value not in (None, "")}
@@ -65,7 +73,7 @@ class UploadReader:
             fields = self.options.model_validate(present)
         except ValidationError as exc:
             errors = exc.errors()
-            raise BadRequest(validation_message(errors), param=str(errors[0]["loc"][0])) from None
+            raise BadRequest(option_errors(errors), param=str(errors[0]["loc"][0])) from None
         return CaptionOptions(
             prompt=(fields.prompt or "").strip() or None,
             max_new_tokens=fields.max_new_tokens or self.settings.max_new_tokens,
@@ -107,11 +115,11 @@ class UploadReader:
     async def file_parts(self, request: Request, form: FormData) -> list[Upload]:
         parts = form.getlist("file")
         if not parts:
-            if request.scope.get("state", {}).get("multipart_complete") is False:
+            if multipart_complete(request) is False:
                 raise BadRequest(CUT_OFF)
             raise BadRequest(MISSING_FILE)
         if not all(isinstance(part, UploadFile) for part in parts):
-            raise BadRequest(f"the 'file' field must be an uploaded file, not text: {FIELD_HINTS['file']}")
+            raise BadRequest(f"the 'file' field must be an uploaded file, not text: {SEND_FILE}")
         return [Upload(part.filename or "", await part.read()) for part in parts]
 
     async def read_json(self, request: Request) -> tuple[Upload, CaptionOptions]:
@@ -185,7 +193,7 @@ def option_schemas(settings: Settings) -> dict:
 def caption_bodies(settings: Settings) -> dict:
     """OpenAPI for POST /caption's three bodies (the route reads the body itself)."""
     options = option_schemas(settings)
-    image = {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, GIF, BMP or TIFF"}
+    image = {"type": "string", "format": "binary", "description": ACCEPTED_TEXT}
     raw = {"schema": {"type": "string", "format": "binary"}}
     return {
         "requestBody": {

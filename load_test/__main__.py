@@ -25,10 +25,10 @@ from pathlib import Path
 
 from blip_serve.tiny_model import make_blip
 
-from .client import StepReport, run_step
+from .load_generator import StepReport, run_step
 from .report import ratios, table, write_all
 from .sample_images import load_images
-from .servers import BaselineServer, BentoServer, LitServeServer
+from .servers import baseline_server, bento_server, litserve_server
 
 
 def sweep(name: str, url: str, images, args, cpu_seconds=None) -> list[StepReport]:
@@ -115,9 +115,9 @@ def compare(args) -> None:
     ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
     servers = {
-        "blip-serve": lambda: BentoServer({**env, **dict(args.bento_env)}, out / "blip-serve.log"),
-        "baseline": lambda: BaselineServer(env, out / "baseline.log", workers=args.baseline_workers),
-        "litserve": lambda: LitServeServer(
+        "blip-serve": lambda: bento_server({**env, **dict(args.bento_env)}, out / "blip-serve.log"),
+        "baseline": lambda: baseline_server(env, out / "baseline.log", workers=args.baseline_workers),
+        "litserve": lambda: litserve_server(
             {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}},
             out / "litserve.log",
         ),

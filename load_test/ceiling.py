@@ -71,7 +71,7 @@ def main() -> None:
         result = {
             "precision": captioner.precision,
             "attention": settings.attention,
-            "compiled": captioner.fast_decoder is not None,
+            "compiled": captioner.compiled is not None,
             "jpeg_decoder": captioner.describe()["jpeg_decoder"],
             "threads": captioner.threads,
             "batch_size": batch_size,

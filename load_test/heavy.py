@@ -12,7 +12,7 @@ import contextlib
 
 import aiohttp
 
-from .client import run_step
+from .load_generator import run_step
 from .sample_images import load_images
 
 

@@ -1,6 +1,7 @@
-"""Sample images made on the spot (no downloads): smooth gradients with coloured shapes and a
-camera's fine grain, photo-like enough that BLIP's captions differ from image to image and that a
-640x480 JPEG weighs (~62 KB) and decodes like a photo."""
+"""Sample images made on the spot (no downloads): smooth gradients with coloured shapes, photo-like
+enough that BLIP's captions differ from image to image. The load test's JPEGs also get a camera's
+fine grain, so that a 640x480 one weighs (~62 KB) and decodes like a photo; the tests' images stay
+smooth (small and quick to encode as PNG)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from blip_serve.formats import IMAGE_SUFFIXES
 
-def scene(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
+
+def scene(seed: int, size: tuple[int, int] = (160, 120), grain: bool = False) -> Image.Image:
     rng = np.random.default_rng(seed)
     width, height = size
     y, x = np.mgrid[0:height, 0:width]
@@ -25,8 +28,10 @@ def scene(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
         x1, y1 = x0 + rng.integers(2, max(3, width // 2)), y0 + rng.integers(2, max(3, height // 2))
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
-    grain = rng.normal(0, 8, (height, width, 1))  # without it a JPEG is a quarter of a photo's size
-    grained = np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    if not grain:
+        return image
+    noise = rng.normal(0, 8, (height, width, 1))  # without it a JPEG is a quarter of a photo's size
+    grained = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(grained, "RGB").filter(ImageFilter.GaussianBlur(0.6))
 
 
@@ -38,10 +43,7 @@ def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
 
 def sample_images(count: int = 16, size: tuple[int, int] = (640, 480)) -> list[tuple[str, bytes]]:
     """`count` JPEGs of a typical photo size: (name, bytes)."""
-    return [(f"sample-{i:02d}.jpg", encode(scene(i, size), "JPEG", quality=90)) for i in range(count)]
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    return [(f"sample-{i:02d}.jpg", encode(scene(i, size, grain=True), "JPEG", quality=90)) for i in range(count)]
 
 
 def load_images(

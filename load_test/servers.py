@@ -159,7 +159,7 @@ class ServerProcess:
         self.stop()
 
 
-def BentoServer(env: dict[str, str], log_path: Path, port: int | None = None) -> ServerProcess:
+def bento_server(env: dict[str, str], log_path: Path, port: int | None = None) -> ServerProcess:
     """`bentoml serve` from the repo root (bentofile.yaml names the service), BLIP_* from `env`,
     on `port` or a free one."""
     port = port or free_port()
@@ -171,7 +171,7 @@ def BentoServer(env: dict[str, str], log_path: Path, port: int | None = None) ->
     return ServerProcess([BENTOML, "serve", "--host", "127.0.0.1", "--port", str(port)], port, env, log_path)
 
 
-def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> ServerProcess:
+def baseline_server(env: dict[str, str], log_path: Path, workers: int = 2) -> ServerProcess:
     """The per-request design this project replaces: FastAPI under gunicorn, a model per worker."""
     port = free_port()
     command = [
@@ -189,7 +189,7 @@ def BaselineServer(env: dict[str, str], log_path: Path, workers: int = 2) -> Ser
     return ServerProcess(command, port, env, log_path)
 
 
-def LitServeServer(env: dict[str, str], log_path: Path) -> ServerProcess:
+def litserve_server(env: dict[str, str], log_path: Path) -> ServerProcess:
     """BLIP on LitServe with its own batching (load_test.litserve_baseline), a second yardstick."""
     port = free_port()
     command = [sys.executable, "-m", "load_test.litserve_baseline"]

@@ -7,7 +7,25 @@ from pathlib import Path
 import pytest
 
 from blip_serve.tiny_model import make_blip
-from load_test.servers import BentoServer
+from load_test.servers import ServerProcess, bento_server
+
+SERVERS_STARTED: list[str] = []  # every server process a test started: reported at the end of the run
+
+
+def count_starts(start):
+    def counted(self, *args, **kwargs):
+        SERVERS_STARTED.append(self.command[1] if len(self.command) > 1 else self.command[0])
+        return start(self, *args, **kwargs)
+
+    return counted
+
+
+ServerProcess.start = count_starts(ServerProcess.start)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SERVERS_STARTED:
+        terminalreporter.write_line(f"servers started: {len(SERVERS_STARTED)}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,10 +45,10 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_dir, tmp_path_factory) -> BentoServer:
+def server(tiny_model_dir, tmp_path_factory) -> ServerProcess:
     """The real `bentoml serve` with the tiny model, exact precision, shared by most tests."""
     env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32"}
-    with BentoServer(env, tmp_path_factory.mktemp("logs") / "bentoml.log") as running:
+    with bento_server(env, tmp_path_factory.mktemp("logs") / "bentoml.log") as running:
         yield running
 
 

@@ -10,7 +10,7 @@ import aiohttp
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from load_test.client import parse_batch_histogram
+from load_test.load_generator import parse_batch_histogram
 
 
 @dataclass

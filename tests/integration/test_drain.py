@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import post_concurrently, wait_for_queue
 from support.images import encode, scene
 
@@ -29,7 +29,7 @@ def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, 
         "BLIP_DRAIN_S": str(DRAIN_S),
     }
     images = [encode(scene(1300 + i), "PNG") for i in range(8)]
-    server = BentoServer(env, tmp_path / "bentoml.log").start()
+    server = bento_server(env, tmp_path / "bentoml.log").start()
     try:
         answers: list = []
         sender = threading.Thread(target=lambda: answers.extend(post_concurrently(f"{server.url}/caption", images)))

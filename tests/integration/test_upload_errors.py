@@ -9,9 +9,9 @@ import httpx
 import psutil
 import pytest
 from PIL import Image, ImageOps
-from test_service import ERROR_CASES
 
 from support.clients import post_caption, post_concurrently
+from support.error_cases import ERROR_CASES
 from support.images import encode, grey16, scene
 
 pytestmark = pytest.mark.slow  # starts the real server

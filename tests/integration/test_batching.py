@@ -12,7 +12,7 @@ import aiohttp
 import httpx
 import pytest
 
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import batch_histogram, metric, post_concurrently
 from support.images import encode, scene
 
@@ -31,7 +31,7 @@ def slow_server(tiny_model_dir, tmp_path_factory):
         "BLIP_MIN_NEW_TOKENS": "100",
         "BLIP_MAX_READING_BYTES": str(2 * 1024 * 1024),
     }
-    with BentoServer(env, tmp_path_factory.mktemp("batching") / "bentoml.log") as running:
+    with bento_server(env, tmp_path_factory.mktemp("batching") / "bentoml.log") as running:
         yield running
 
 

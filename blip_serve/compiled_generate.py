@@ -18,6 +18,8 @@ import torch
 from transformers import BlipForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from .text_limits import decoder_prompt
+
 # Generation settings that add logits processors this decoder does not apply: if a model's
 # generation config sets one, captions go through `generate`.
 UNSUPPORTED = {
@@ -117,11 +119,9 @@ class StaticCacheDecoder:
         """Token ids as `model.generate(..., num_beams=1, do_sample=False)` returns them."""
         image_embeds = self.model.vision_model(pixel_values=pixel_values)[0]
         batch = image_embeds.shape[0]
-        if prompt_ids is None:
-            prompt_ids = torch.full((batch, 1), self.bos, device=image_embeds.device)
-        else:  # as BlipForConditionalGeneration.generate: [DEC] first, the trailing [SEP] dropped
-            prompt_ids = prompt_ids[:, :-1].clone()
-            prompt_ids[:, 0] = self.bos
+        # The batch shares one prompt (the tokenizer's ids, one row per image), or none.
+        tokens = decoder_prompt(prompt_ids[0].tolist() if prompt_ids is not None else [], self.bos)
+        prompt_ids = torch.tensor([tokens], device=image_embeds.device).repeat(batch, 1)
         start = prompt_ids.shape[1]
         cache = EncoderDecoderCache(DynamicCache(config=self.decoder.config), DynamicCache(config=self.decoder.config))
         prefill = self.decoder(

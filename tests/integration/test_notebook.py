@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 from load_test.sample_images import write_samples
+from load_test.servers import REPO
 
 pytestmark = pytest.mark.slow  # starts the real server
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "parallel_captions.ipynb"
+NOTEBOOK = REPO / "notebooks" / "parallel_captions.ipynb"
 
 
 def test_notebook_prints_the_servers_caption_for_every_image(server, reference, tmp_path, monkeypatch):
@@ -39,3 +38,17 @@ def test_notebook_prints_the_servers_caption_for_every_image(server, reference, 
         assert f"client {path.name}: {reference.caption(path.read_bytes())}\n" in printed  # client library
     assert printed.count("concurrency ") == 8
     assert any("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
+
+
+def test_the_notebook_picks_the_files_the_server_accepts():
+    """The notebook stays a plain client (no import of blip_serve to pick files): its list of
+    suffixes is checked against the one home of the accepted formats."""
+    import ast
+
+    from blip_serve.formats import IMAGE_SUFFIXES
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    [line] = [
+        line for cell in notebook.cells for line in cell.source.splitlines() if line.startswith("IMAGE_SUFFIXES = ")
+    ]
+    assert ast.literal_eval(line.split("=", 1)[1].strip()) == IMAGE_SUFFIXES

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import multipart_head
 from support.k8s import one, render
 from support.prometheus import SCRAPE_INTERVAL_S, PrometheusServer, query
@@ -43,7 +43,7 @@ def settles_at(prometheus, promql: str, expected: float, within_s: float) -> lis
 def test_the_scaling_query_counts_the_requests_in_flight(tiny_model_dir, tmp_path):
     promql = one(render("cpu"), "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     env = {"BLIP_MODEL": tiny_model_dir, "BLIP_BODY_TIMEOUT_S": "120"}
-    with BentoServer(env, tmp_path / "bentoml.log") as server:
+    with bento_server(env, tmp_path / "bentoml.log") as server:
         target = server.url.removeprefix("http://")
         with PrometheusServer([target], tmp_path / "prometheus") as prometheus:
             settles_at(prometheus, promql, 0.0, within_s=30)  # scraped, nothing in flight

@@ -10,11 +10,10 @@ import time
 import aiohttp
 import httpx
 import pytest
-from PIL import Image
 
-from support import hostile
 from support.clients import batch_histogram, post_caption, post_concurrently
-from support.images import encode, header_only_jpeg, scene, upload_corpus
+from support.error_cases import ERROR_CASES, JPEG
+from support.images import encode, scene, upload_corpus
 
 pytestmark = pytest.mark.slow  # starts the real server
 
@@ -91,71 +90,6 @@ def test_one_log_line_per_request(server):
     lines = [line for line in server.log_text().splitlines() if "request_id=log-me-42" in line]
     assert len(lines) == 1
     assert "image=160x120" in lines[0] and "status=200" in lines[0] and "latency_ms=" in lines[0]
-
-
-JPEG = CORPUS["photo.jpg"]
-ERROR_CASES = {
-    # name: (files, data, status, words in the message)
-    "no body": (None, None, 400, "missing form field 'file'"),
-    "wrong field name": ({"image": ("p.jpg", JPEG)}, None, 400, "missing form field 'file'"),
-    "empty file": ({"file": ("p.jpg", b"")}, None, 400, "empty"),
-    "text where a file belongs": (None, {"file": "hello"}, 400, "must be an uploaded file"),
-    "url where a file belongs": (None, {"file": "http://127.0.0.1:9/cat.jpg"}, 400, "must be an uploaded file"),
-    "two file parts": ([("file", ("a.jpg", JPEG)), ("file", ("b.jpg", JPEG))], None, 400, "exactly one"),
-    "plain text": ({"file": ("a.txt", b"hello there")}, None, 415, "not a supported image"),
-    "html": ({"file": ("a.html", b"<html><body>x</body></html>")}, None, 415, "not a supported image"),
-    "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')}, None, 415, "not a supported image"),
-    "pdf": ({"file": ("a.pdf", b"%PDF-1.4\n%%EOF")}, None, 415, "not a supported image"),
-    "truncated jpeg": ({"file": ("a.jpg", JPEG[: len(JPEG) // 2])}, None, 415, "not a complete, valid image"),
-    "header-only jpeg": ({"file": ("h.jpg", header_only_jpeg())}, None, 415, "truncated"),
-    "pixel bomb": ({"file": ("b.png", encode(Image.new("L", (12000, 10000)), "PNG"))}, None, 413, "pixels"),
-    "side over the limit": ({"file": ("s.png", encode(Image.new("L", (13000, 1000)), "PNG"))}, None, 413, "no side"),
-    # Structures no camera or editor writes (blip_serve/file_checks.py; tests/test_file_checks.py)
-    "arithmetic-coded jpeg": ({"file": ("a.jpg", hostile.arithmetic_jpeg())}, None, 415, "arithmetic-coded"),
-    "header-only mpo": ({"file": ("m.jpg", hostile.header_only_mpo())}, None, 415, "truncated"),
-    "rle bmp": ({"file": ("r.bmp", hostile.bmp_rle8(600, 600))}, None, 415, "RLE-compressed"),
-    "empty scans": ({"file": ("s.jpg", hostile.empty_scans(200, (256, 256)))}, None, 415, "more than 100 scans"),
-    "exif entries sharing a blob": (
-        {"file": ("e.png", hostile.amplified_exif("PNG", entries=500, blob_bytes=200_000))},
-        None,
-        413,
-        "claim 100,000,000 bytes",
-    ),
-    "prompt + max_new_tokens over the positions": (
-        {"file": ("p.jpg", JPEG)},
-        {"prompt": "dog " * 40, "max_new_tokens": "100"},
-        400,
-        "positions",
-    ),
-    "max_new_tokens too large": ({"file": ("p.jpg", JPEG)}, {"max_new_tokens": "100000"}, 400, "max_new_tokens"),
-    "max_new_tokens not a number": ({"file": ("p.jpg", JPEG)}, {"max_new_tokens": "many"}, 400, "max_new_tokens"),
-    "num_beams zero": ({"file": ("p.jpg", JPEG)}, {"num_beams": "0"}, 400, "num_beams"),
-    "prompt too long": ({"file": ("p.jpg", JPEG)}, {"prompt": "a" * 1000}, 400, "prompt"),
-}
-
-
-@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
-def test_client_errors_are_json_4xx(server, case):
-    files, data, status, words = ERROR_CASES[case]
-    response = post_caption(server, files=files, data=data)
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    assert words in body["error"]
-
-
-def test_json_without_an_image_says_what_it_needs(server):
-    response = httpx.post(f"{server.url}/caption", json={"file": "x"})
-    assert response.status_code == 400
-    assert response.json() == {"error": 'the JSON body needs "image": the image\'s bytes in base64 (or a data: URL)'}
-
-
-def test_upload_over_10_mb_is_413(server):
-    big = b"\xff\xd8" + b"\0" * (11 * 1024 * 1024)
-    response = post_caption(server, files={"file": ("big.jpg", big)})
-    assert response.status_code == 413
-    assert "10 MB" in response.json()["error"]
 
 
 def test_chunked_upload_over_10_mb_is_413(server):
@@ -247,15 +181,3 @@ def test_the_docs_page_makes_no_request_outside_the_server(server):
     assert "googletagmanager" not in page.text and "http" not in page.text.replace("http-equiv", "")
     for asset in re.findall(r'(?:src|href)="\./([^"]+)"', page.text):
         assert httpx.get(f"{server.url}/{asset}", timeout=10).status_code == 200, asset
-
-
-def test_the_openapi_document_names_the_project_and_every_route(server):
-    from blip_serve import __version__
-
-    spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
-    assert (spec["info"]["title"], spec["info"]["version"]) == ("blip-serve", __version__)
-    assert {"/caption", "/captions", "/info", "/readyz", "/livez", "/metrics"} <= set(spec["paths"])
-    assert {"/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
-    chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert chat["required"] == ["model", "messages"]
-    assert set(spec["paths"]["/caption"]["post"]["responses"]) >= {"200", "400", "413", "415", "503", "504"}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from blip_serve.model import pick_precision
 from blip_serve.settings import BadSetting, Settings, load_settings
+from load_test.servers import REPO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 
 def test_defaults():
@@ -127,3 +127,31 @@ def test_the_home_lock_refuses_a_live_holder_and_takes_a_stale_one(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_request_time_budget_has_one_home():
+    """BLIP_REQUEST_TIMEOUT_S's default lives in settings.py; every proxy and client in the tree
+    waits 10 s longer, so that the server's own JSON 504 is what a client sees. Config files
+    cannot import Python: their values are held to the one home here."""
+    import yaml
+
+    from blip_serve.client import TIMEOUT_S
+
+    repo = REPO
+    budget = Settings().request_timeout_s
+    proxy_wait = budget + 10
+    nginx = (repo / "nginx" / "nginx.conf").read_text()
+    assert set(re.findall(r"proxy_(?:read|send)_timeout (\d+)s;", nginx)) == {str(proxy_wait)}
+    ingresses = list(yaml.safe_load_all((repo / "k8s/components/ingress/ingress.yaml").read_text()))
+    for ingress in ingresses:
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == str(proxy_wait)
+        assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == str(proxy_wait)
+    kustomization = yaml.safe_load((repo / "k8s/base/kustomization.yaml").read_text())
+    literals = [literal for generator in kustomization["configMapGenerator"] for literal in generator["literals"]]
+    assert f"BLIP_REQUEST_TIMEOUT_S={budget}" in literals
+    assert proxy_wait == TIMEOUT_S
+    # The comments that quote the numbers say the same.
+    for path in ("nginx/nginx.conf", "k8s/base/deployment.yaml", "k8s/components/ingress/kustomization.yaml"):
+        quoted = re.findall(r"(\d+) s\b", (repo / path).read_text())
+        assert set(quoted) <= {str(budget), str(proxy_wait)}, (path, quoted)

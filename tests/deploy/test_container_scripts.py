@@ -7,7 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "container" / "check-prerequisites.sh"
+from load_test.servers import REPO
+
+SCRIPT = REPO / "container" / "check-prerequisites.sh"
 TOOLS = ["buildah", "podman", "runc", "debootstrap", "curl", "podman-compose"]
 
 

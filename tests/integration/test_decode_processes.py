@@ -1,11 +1,11 @@
-"""blip_serve/decode_workers.py: the decode processes, without a server. Same pixels as decoding
+"""blip_serve/decode_workers.py's processes, real ones, without a server. Same pixels as decoding
 in-process; the CPU and memory budgets hold; a cancelled request's decode is killed; requests
-take turns; a small image never waits behind a large one; a grown process is replaced."""
+take turns; a small image never waits behind a large one; a grown process is replaced; the
+costliest accepted uploads stay within their memory figure."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import numpy as np
@@ -16,8 +16,11 @@ from PIL import Image
 from blip_serve.decode_workers import DecodeConfig, Decoders
 from blip_serve.errors import ClientError
 from blip_serve.images import LARGE_IMAGE_PIXELS, ImageLimits, ResizeSpec, prepare_image
+from load_test.servers import REPO
 from support import hostile
 from support.images import encode, scene, upload_corpus
+
+pytestmark = pytest.mark.slow  # real decode processes, large images
 
 CONFIG = DecodeConfig(
     max_pixels=40_000_000,
@@ -213,7 +216,7 @@ def test_decode_processes_exit_with_their_parent():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60).stdout
     children = [int(pid) for pid in out.split()]
     assert len(children) == 3
@@ -221,13 +224,6 @@ def test_decode_processes_exit_with_their_parent():
     while time.monotonic() < deadline and any(psutil.pid_exists(pid) for pid in children):
         time.sleep(0.05)
     assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-
-
-def test_the_cpu_budget_grows_with_the_pixels_from_one_second():
-    budget = config(cpu_s=10.0).cpu_budget
-    assert budget(40_000_000) == 10.0 and budget(12_000_000) == 3.0
-    assert budget(4_000_000) == 1.0 and budget(100) == 1.0  # a small image that decodes slowly: 1 s
-    assert config(cpu_s=0.2).cpu_budget(100) == 0.2
 
 
 # The costliest uploads that are accepted (README, Limits and errors): peak resident memory of a
@@ -260,20 +256,3 @@ def test_the_costliest_accepted_uploads_stay_within_their_memory_figure(name):
     grew = (header["peak"] - fresh) >> 20
     print(f"{name}: +{grew} MB at the decode's peak")
     assert grew < megabytes
-
-
-def test_a_decode_process_that_cannot_start_is_a_503_not_the_uploads_fault(monkeypatch):
-    from blip_serve import decode_workers
-    from blip_serve.errors import Unavailable
-
-    monkeypatch.setattr(decode_workers.sys, "executable", "/bin/false")
-
-    async def go():
-        decoders = Decoders(CONFIG, 1, 1)
-        OPEN.append(decoders)
-        with pytest.raises(Unavailable, match="could not start an image decoder") as caught:
-            await decoders.prepare(encode(scene(1), "JPEG"), owner=1)
-        return caught.value
-
-    error = run(go())
-    assert error.status_code == 503 and error.headers == {"Retry-After": "5"}

@@ -16,8 +16,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from load_test.client import percentile
-from load_test.servers import BentoServer
+from load_test.load_generator import percentile
+from load_test.servers import bento_server
 from support import hostile
 from support.clients import multipart_head
 from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene
@@ -40,7 +40,7 @@ def strict_server(tiny_model_dir, tmp_path_factory):
         # measures core sharing rather than the server's defences (README: Troubleshooting).
         "BLIP_TORCH_THREADS": "1",
     }
-    with BentoServer(env, tmp_path_factory.mktemp("strict") / "bentoml.log") as running:
+    with bento_server(env, tmp_path_factory.mktemp("strict") / "bentoml.log") as running:
         yield running
 
 

@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from load_test.client import run_step
-from load_test.servers import BentoServer
+from load_test.load_generator import run_step
+from load_test.servers import bento_server
 from support.clients import Answer, post_concurrently, wait_for_queue
 from support.images import encode, scene
 from support.nginx import NginxServer
@@ -36,8 +36,10 @@ def model_worker(server) -> psutil.Process:
     return workers[0]
 
 
-@pytest.fixture
-def slow_server(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def slow_server(tiny_model_dir, tmp_path_factory):
+    """One server for the module: a killed model worker is replaced, and the next test finds it
+    serving again (that is what the kill tests check)."""
     env = {
         "BLIP_MODEL": tiny_model_dir,
         "BLIP_MAX_NEW_TOKENS": "100",
@@ -46,7 +48,7 @@ def slow_server(tiny_model_dir, tmp_path):
         "BLIP_MAX_FILES_PER_REQUEST": "16",
         "BLIP_MAX_QUEUED_IMAGES": "16",
     }
-    with BentoServer(env, tmp_path / "bentoml.log") as running:
+    with bento_server(env, tmp_path_factory.mktemp("slow") / "bentoml.log") as running:
         yield running
 
 
@@ -101,7 +103,7 @@ def test_killed_model_worker_through_nginx(slow_server, nginx_prefix):
 
 def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
     env = {"BLIP_MODEL": tiny_model_dir, "BLIP_MAX_NEW_TOKENS": "8"}
-    with BentoServer(env, tmp_path / "soak.log") as server:
+    with bento_server(env, tmp_path / "soak.log") as server:
         processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
 
         def rss() -> dict[int, int]:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from load_test.servers import BentoServer, free_port
+from load_test.servers import bento_server, free_port
 from support.clients import post_concurrently
 from support.images import encode, scene
 from support.nginx import NginxServer
@@ -71,7 +71,7 @@ def test_captions_through_nginx_with_its_own_body_limit(nginx, reference):
 
 
 def test_concurrent_requests_through_nginx_still_batch(nginx, server, reference):
-    from test_service import batch_histogram
+    from support.clients import batch_histogram
 
     images = [encode(scene(300 + i), "JPEG") for i in range(16)]
     before = batch_histogram(server)
@@ -98,7 +98,7 @@ def test_no_bento_behind_nginx_is_a_json_502(nginx_prefix):
 
 def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
     env = {"BLIP_MODEL": tiny_model_dir}
-    with BentoServer(env, tmp_path / "a.log") as first, BentoServer(env, tmp_path / "b.log") as second:
+    with bento_server(env, tmp_path / "a.log") as first, bento_server(env, tmp_path / "b.log") as second:
         with NginxServer([first.url, second.url], nginx_prefix) as proxy:
             answers = post_concurrently(f"{proxy.url}/caption", [IMAGE] * 20)
             assert [a.status for a in answers] == [200] * 20

@@ -1,5 +1,5 @@
-"""Pure logic in-process, no server: job grouping, the retry decision for model calls, which paths
-count as routes for metrics, and the token bound."""
+"""blip_serve/model_client.py: which failed calls to the model service are sent again, and what
+the client gets for the rest."""
 
 from __future__ import annotations
 
@@ -7,28 +7,17 @@ import asyncio
 
 import aiohttp
 import numpy as np
-import pytest
 from bentoml.exceptions import BentoMLException
-from fastapi import FastAPI
-from starlette.applications import Starlette
-from starlette.routing import Mount, Route
 
-from blip_serve.errors import BadRequest, Unavailable
-from blip_serve.jobs import CaptionJob, CaptionResult, group_jobs
+from blip_serve.errors import Unavailable
+from blip_serve.jobs import CaptionJob, CaptionResult
 from blip_serve.model_client import lost_on_its_connection, queue_full, send_jobs
-from blip_serve.server_patches import has_route
-from blip_serve.text_limits import TextLimits
 
 PIXELS = np.zeros((3, 4, 4), np.uint8)
 
 
 def job(prompt=None, tokens=30, beams=1) -> CaptionJob:
     return CaptionJob(pixels=PIXELS, prompt=prompt, max_new_tokens=tokens, num_beams=beams)
-
-
-def test_jobs_with_the_same_options_share_a_group_in_arrival_order():
-    jobs = [job(), job("a photo of"), job(), job(tokens=5), job("a photo of"), job(beams=2)]
-    assert group_jobs(jobs) == [[0, 2], [1, 4], [3], [5]]
 
 
 def test_lost_connections_are_retried_and_nothing_else():
@@ -74,44 +63,3 @@ def test_a_full_queue_is_a_503_at_once_and_other_errors_propagate():
     assert calls == 1 and isinstance(error, Unavailable) and "capacity" in error.message
     error, calls = run_send_jobs([KeyError("bug")])
     assert calls == 1 and isinstance(error, KeyError)
-
-
-def routes_app() -> Starlette:
-    api = FastAPI()
-    api.post("/caption")(lambda: None)
-    return Starlette(routes=[Route("/readyz", lambda r: None), Mount("/static", routes=[]), Mount("/", api)])
-
-
-@pytest.mark.parametrize(
-    "path, known",
-    [
-        ("/readyz", True),
-        ("/caption", True),
-        ("/nope", False),
-        ("/caption/x", False),
-        ("/static/a.js", False),
-        ("/", False),
-    ],
-)
-def test_only_paths_with_a_route_get_metric_labels(path, known):
-    assert has_route(routes_app(), {"type": "http", "path": path, "method": "GET", "root_path": ""}) is known
-
-
-@pytest.fixture(scope="module")
-def text_limits(tiny_model_dir) -> TextLimits:
-    return TextLimits.for_model(tiny_model_dir, max_new_tokens_limit=1000)
-
-
-def test_the_token_limit_is_clamped_to_the_models_positions(text_limits):
-    assert text_limits.positions == 128
-    assert text_limits.max_new_tokens_limit == 127
-
-
-def test_prompt_tokens_plus_new_tokens_must_fit(text_limits):
-    start = text_limits.start_length("dog " * 20)
-    assert start == 21  # [DEC] + 20 words: the tokenizer's [CLS] becomes [DEC], its [SEP] is dropped
-    text_limits.check("dog " * 20, 128 - start)
-    with pytest.raises(BadRequest, match="the prompt is 20 tokens and max_new_tokens is 108: together they need 129"):
-        text_limits.check("dog " * 20, 129 - start)
-    with pytest.raises(BadRequest, match="the most this server allows is 127"):
-        text_limits.check(None, 128)

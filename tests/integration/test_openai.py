@@ -5,8 +5,6 @@ OpenAI's error shape, and image URLs (off by default; an allow-list with the add
 from __future__ import annotations
 
 import asyncio
-import base64
-import ipaddress
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,16 +13,11 @@ import httpx
 import openai
 import pytest
 
-from blip_serve.errors import BadRequest
-from blip_serve.fetch import FetchRefused, destination
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import batch_histogram, post_caption
-from support.images import encode, scene
+from support.openai_messages import JPEG, image_message
 
 pytestmark = pytest.mark.slow  # starts the real server
-
-JPEG = encode(scene(71, (320, 240)), "JPEG")
-DATA_URL = "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()
 
 
 def model_id(server) -> str:
@@ -33,13 +26,6 @@ def model_id(server) -> str:
 
 def sdk(server, **options) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, **options)
-
-
-def image_message(url: str = DATA_URL, text: str | None = None) -> list[dict]:
-    content = [{"type": "image_url", "image_url": {"url": url}}]
-    if text:
-        content.insert(0, {"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
 
 
 @pytest.mark.parametrize("prompt", [None, "a picture of"])
@@ -121,96 +107,12 @@ def test_sdk_calls_are_batched_with_caption_calls(server):
     assert images == 16 and batches < 16, (images, batches)
 
 
-# (request fields, status, the parameter named, words in the message)
-REFUSALS = {
-    "another model": ({"model": "gpt-4o"}, 404, "model", "does not exist"),
-    "no image": (
-        {"messages": [{"role": "user", "content": "describe this"}]},
-        400,
-        "messages",
-        "exactly one image_url",
-    ),
-    "two images": (
-        {"messages": [{"role": "user", "content": image_message()[0]["content"] * 2}]},
-        400,
-        "messages",
-        "POST /captions",
-    ),
-    "an image in an earlier message": (
-        {"messages": image_message() + [{"role": "assistant", "content": "x"}] + image_message()},
-        400,
-        "messages",
-        "only the last user message",
-    ),
-    "n of 2": ({"n": 2}, 400, "n", "'n' must be 1"),
-    "sampling": ({"temperature": 0.7}, 400, "temperature", "sampling is not supported"),
-    "logprobs": ({"logprobs": True}, 400, "logprobs", "not supported"),
-    "tools": (
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-        400,
-        "tools",
-        "tools are not supported",
-    ),
-    "max_tokens too large": ({"max_tokens": 100_000}, 400, "max_tokens", "'max_tokens'"),
-    "a remote url": ({"messages": image_message("http://127.0.0.1:9/cat.jpg")}, 400, "messages", "data: URL"),
-    "not base64": ({"messages": image_message("data:image/jpeg;base64,@@@")}, 400, None, "not valid base64"),
-    "not an image": (
-        {"messages": image_message("data:text/plain;base64," + base64.b64encode(b"hello").decode())},
-        415,
-        None,
-        "not a supported image",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", REFUSALS)
-def test_each_refusal_is_in_openais_error_shape_and_names_the_parameter(server, case):
-    fields, status, param, words = REFUSALS[case]
-    body = {"model": model_id(server), "messages": image_message(), **fields}
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param and words in error["message"]
-    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
-
-
 def test_the_sdk_raises_its_own_errors_with_the_servers_message(server):
     client = sdk(server)
     with pytest.raises(openai.BadRequestError, match="sampling is not supported"):
         client.chat.completions.create(model=model_id(server), messages=image_message(), temperature=1.0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=image_message())
-
-
-def test_a_wrong_v1_path_names_the_routes_there_are(server):
-    response = httpx.post(f"{server.url}/v1/chat/completion", json={})
-    assert response.status_code == 404
-    assert response.json()["error"]["message"] == (
-        "no such path; the OpenAI-compatible routes are POST /v1/chat/completions and GET /v1/models"
-    )
-    wrong_method = httpx.post(f"{server.url}/v1/models")
-    assert wrong_method.status_code == 405 and "use GET" in wrong_method.json()["error"]["message"]
-
-
-def test_caption_errors_keep_their_own_shape(server):
-    response = post_caption(server, files={"file": ("a.txt", b"hello")})
-    assert response.status_code == 415 and set(response.json()) == {"error"}
-    assert isinstance(response.json()["error"], str)
-
-
-def test_invalid_json_and_oversize_bodies_are_openai_errors_too(server):
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
-    )
-    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
-    huge = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        content=b"x" * (20 * 1024 * 1024),
-        headers={"content-type": "application/json"},
-        timeout=60,
-    )
-    assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
 
 
 # Image URLs
@@ -285,7 +187,7 @@ def fetching_server(tiny_model_dir, tmp_path_factory):
         "BLIP_FETCH_ALLOW_PRIVATE": "true",
         "BLIP_FETCH_TIMEOUT_S": "3",
     }
-    with BentoServer(env, tmp_path_factory.mktemp("fetching") / "bentoml.log") as running:
+    with bento_server(env, tmp_path_factory.mktemp("fetching") / "bentoml.log") as running:
         yield running
 
 
@@ -320,33 +222,3 @@ def test_a_host_off_the_list_is_never_asked(fetching_server, image_host):
     response = httpx.post(f"{fetching_server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400 and "not 127.0.0.1" in response.json()["error"]["message"]
     assert len(image_host.requests) == seen
-
-
-@pytest.mark.parametrize(
-    "address",
-    ["127.0.0.1", "10.1.2.3", "192.168.0.9", "169.254.169.254", "::1", "fd00::1", "0.0.0.0", "100.64.0.1"],
-)
-def test_private_and_local_addresses_are_refused_by_what_the_name_resolves_to(address):
-    """The server-side request forgery check, on the resolved address (a DNS name an attacker
-    controls may point anywhere): every hop of a fetch, redirects included, goes through it."""
-
-    async def resolver(host, port):
-        return [address]
-
-    async def check():
-        return await destination("http://images.example.com/a.jpg", frozenset({"images.example.com"}), False, resolver)
-
-    assert not ipaddress.ip_address(address).is_global
-    with pytest.raises(FetchRefused, match="private or local address"):
-        asyncio.run(check())
-
-
-def test_a_public_address_passes_and_is_the_one_connected_to():
-    async def resolver(host, port):
-        return ["93.184.216.34"]
-
-    async def check():
-        return await destination("https://images.example.com/a.jpg", frozenset({"images.example.com"}), False, resolver)
-
-    assert asyncio.run(check()) == ("https", "93.184.216.34", 443)
-    assert issubclass(FetchRefused, BadRequest)

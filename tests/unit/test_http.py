@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from blip_serve.errors import Unavailable
-from blip_serve.http import RequestGuard, RequestLog, install_error_handlers, log_fields, validation_message
+from blip_serve.http import RequestGuard, RequestLog, install_error_handlers, log_fields
 
 
 def echo_app() -> FastAPI:
@@ -159,19 +159,6 @@ def test_a_request_id_cannot_forge_log_fields_or_headers(caplog, sent, kept):
     assert headers["x-request-id"] == kept
     [line] = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
     assert line.startswith(f"request_id={kept} method=POST path=/echo status=200 ")
-
-
-def test_validation_messages_name_the_field_and_the_fix():
-    message = validation_message(
-        [
-            {"type": "missing", "loc": ("body", "file"), "msg": "Field required"},
-            {"type": "less_than_equal", "loc": ("body", "num_beams"), "msg": "Input should be less than or equal to 4"},
-        ]
-    )
-    assert message == (
-        "missing form field 'file': send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg); "
-        "'num_beams': Input should be less than or equal to 4"
-    )
 
 
 def test_a_client_that_hangs_up_cancels_its_request():

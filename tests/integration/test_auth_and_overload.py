@@ -7,7 +7,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import post_concurrently
 from support.images import encode, scene
 
@@ -28,7 +28,7 @@ def guarded_server(tiny_model_dir, tmp_path_factory):
         "BLIP_MAX_QUEUED_IMAGES": "4",
         "BLIP_MAX_BATCH_SIZE": "2",
     }
-    with BentoServer(env, tmp_path_factory.mktemp("guarded") / "bentoml.log") as running:
+    with bento_server(env, tmp_path_factory.mktemp("guarded") / "bentoml.log") as running:
         yield running
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from load_test.servers import REPO
+
 CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))
 
 

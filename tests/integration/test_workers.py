@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import post_concurrently
 from support.images import encode, scene
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # starts the real server
 def test_two_model_workers_both_caption_exactly(tiny_model_dir, reference, tmp_path):
     env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_MODEL_WORKERS": "2"}
     images = [encode(scene(1000 + i), "PNG") for i in range(48)]
-    with BentoServer(env, tmp_path / "bentoml.log") as server:
+    with bento_server(env, tmp_path / "bentoml.log") as server:
         tree = psutil.Process(server.process.pid).children(recursive=True)
         workers = [p for p in tree if "BlipModelService" in " ".join(p.cmdline())]
         assert len(workers) == 2

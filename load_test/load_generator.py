@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 
 @dataclass
-class Outcome:
+class TimedResponse:
     status: int  # 0: no HTTP answer (connection error, timeout)
     latency_s: float
     error: str | None = None
@@ -56,7 +56,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, bytes], headers: dict) -> Outcome:
+async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, bytes], headers: dict) -> TimedResponse:
     name, data = image
     form = aiohttp.FormData()
     form.add_field("file", data, filename=name, content_type="application/octet-stream")
@@ -67,15 +67,15 @@ async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, b
             error = None
             if response.status != 200:
                 error = f"{response.status}: {body[:120].decode('utf-8', 'replace')}"
-            return Outcome(response.status, time.perf_counter() - started, error)
+            return TimedResponse(response.status, time.perf_counter() - started, error)
     except (TimeoutError, aiohttp.ClientError) as exc:
-        return Outcome(0, time.perf_counter() - started, type(exc).__name__)
+        return TimedResponse(0, time.perf_counter() - started, type(exc).__name__)
 
 
 async def closed_loop(
     session, url, images, concurrency: int, total: int, headers: dict, progress=None
-) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+) -> list[TimedResponse]:
+    outcomes: list[TimedResponse] = []
     counter = itertools.count()
     image_cycle = itertools.cycle(images)
 
@@ -91,14 +91,14 @@ async def closed_loop(
 
 async def open_loop(
     session, url, images, rate: float, total: int, headers: dict, seed: int = 0, progress=None
-) -> list[Outcome]:
+) -> list[TimedResponse]:
     rng = random.Random(seed)
     image_cycle = itertools.cycle(images)
     start = time.perf_counter()
     scheduled = 0.0
     tasks = []
 
-    async def timed(send_at: float, image) -> Outcome:
+    async def timed(send_at: float, image) -> TimedResponse:
         outcome = await send_one(session, url, image, headers)
         # From the scheduled send time: time spent waiting for a free connection counts too.
         outcome.latency_s = time.perf_counter() - (start + send_at)

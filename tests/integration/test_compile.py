@@ -9,7 +9,7 @@ import torch
 
 from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
 from blip_serve.settings import load_settings
-from load_test.servers import BentoServer
+from load_test.servers import bento_server
 from support.clients import post_caption, post_concurrently
 from support.images import encode, scene
 
@@ -33,7 +33,7 @@ def pixel_values(captioner, tiny_model_dir):
     [(None, 20, 0), (None, 12, 12), ("a picture of", 10, 0), ("a picture of", 15, 4)],
 )
 def test_static_cache_decoder_gives_generates_tokens(captioner, pixel_values, prompt, max_new_tokens, min_new_tokens):
-    from blip_serve.fast_decode import StaticCacheDecoder
+    from blip_serve.compiled_generate import StaticCacheDecoder
 
     decoder = StaticCacheDecoder(captioner.model, "cpu")
     decoder.step = decoder.decode_step  # the same maths, uncompiled: compiling is the server test's part
@@ -54,7 +54,7 @@ def test_static_cache_decoder_gives_generates_tokens(captioner, pixel_values, pr
 
 
 def test_a_generation_config_with_other_rules_keeps_generate(captioner):
-    from blip_serve.fast_decode import unsupported_settings
+    from blip_serve.compiled_generate import unsupported_settings
 
     config = captioner.model.text_decoder.generation_config
     assert unsupported_settings(captioner.model) == []
@@ -69,7 +69,7 @@ def test_a_generation_config_with_other_rules_keeps_generate(captioner):
 def test_compiled_server_captions_equal_the_reference(tiny_model_dir, reference, tmp_path):
     env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_COMPILE": "1"}
     images = [encode(scene(1100 + i), "PNG") for i in range(24)]
-    with BentoServer(env, tmp_path / "bentoml.log") as server:
+    with bento_server(env, tmp_path / "bentoml.log") as server:
         answers = post_concurrently(f"{server.url}/caption", images)
         prompted = post_caption(
             server, files={"file": images[0]}, data={"prompt": "a picture of", "max_new_tokens": "12"}

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from load_test.servers import BENTOML, REPO, BentoServer, free_port
+from load_test.servers import BENTOML, REPO, bento_server, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_readyz_answers_at_once_while_the_model_loads(tiny_model_dir, tmp_path):
     worker answers at all, every answer comes within the second, 503 until the model is loaded, then
     200, never a 500. (Before that, BentoML's supervisor holds the port while the worker imports the
     service: a probe then waits for the worker, as for any server whose port opens before it serves.)"""
-    server = BentoServer({"BLIP_MODEL": tiny_model_dir}, tmp_path / "bentoml.log")
+    server = bento_server({"BLIP_MODEL": tiny_model_dir}, tmp_path / "bentoml.log")
     server.log = open(server.log_path, "wb")  # noqa: SIM115  (closed by stop)
     server.process = subprocess.Popen(
         server.command, cwd=REPO, env=server.env, stdout=server.log, stderr=subprocess.STDOUT, start_new_session=True
@@ -111,7 +111,7 @@ def test_readyz_answers_at_once_while_the_model_loads(tiny_model_dir, tmp_path):
 
 def test_a_second_server_under_the_same_home_stops_and_the_first_keeps_its_metrics(tiny_model_dir, tmp_path):
     home = tmp_path / "home"
-    first = BentoServer({"BLIP_MODEL": tiny_model_dir, "BENTOML_HOME": str(home)}, tmp_path / "first.log").start()
+    first = bento_server({"BLIP_MODEL": tiny_model_dir, "BENTOML_HOME": str(home)}, tmp_path / "first.log").start()
     try:
         image = (REPO / "examples" / "sample.jpg").read_bytes()
         assert httpx.post(f"{first.url}/caption", files={"file": image}, timeout=60).status_code == 200
