@@ -13,31 +13,15 @@ import psutil
 import pytest
 from PIL import Image
 
-from blip_serve.decode_workers import DecodeConfig, Decoders
+from blip_serve.decode_workers import Decoders
 from blip_serve.errors import ClientError
-from blip_serve.images import LARGE_IMAGE_PIXELS, ImageLimits, ResizeSpec, prepare_image
+from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
 from load_test.servers import REPO
 from support import hostile
+from support.decoders import CONFIG, config
 from support.images import encode, scene, upload_corpus
 
 pytestmark = pytest.mark.slow  # real decode processes, large images
-
-CONFIG = DecodeConfig(
-    max_pixels=40_000_000,
-    max_side=12_000,
-    width=384,
-    height=384,
-    resample=int(Image.Resampling.BICUBIC),
-    jpeg_draft=False,
-    cpu_s=30.0,
-    memory_mb=2048,
-    large_pixels=LARGE_IMAGE_PIXELS,
-)
-
-
-def config(**changes) -> DecodeConfig:
-    return DecodeConfig(**{**CONFIG.__dict__, **changes})
-
 
 OPEN: list[Decoders] = []
 

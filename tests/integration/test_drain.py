@@ -40,7 +40,12 @@ def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, 
         os.kill(server.process.pid, signal.SIGTERM)  # to the supervisor only, as a container runtime does
         sigterm = time.monotonic()
 
+        # The supervisor passes the signal on to the workers: /readyz turns 503 once they have it,
+        # and a load balancer polling it sees that within its next checks.
         readyz = httpx.get(f"{server.url}/readyz", timeout=5)
+        while readyz.status_code == 200 and time.monotonic() - sigterm < 5:
+            time.sleep(0.05)
+            readyz = httpx.get(f"{server.url}/readyz", timeout=5)
         readyz_after = time.monotonic() - sigterm
         during_drain = httpx.post(f"{server.url}/caption", files={"file": images[0]}, timeout=60)
         sender.join(timeout=60)

@@ -6,27 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from PIL import Image
 
-from blip_serve.decode_workers import DecodeConfig, Decoders
-from blip_serve.images import LARGE_IMAGE_PIXELS
+from blip_serve.decode_workers import Decoders
+from support.decoders import CONFIG, config
 from support.images import encode, scene
-
-CONFIG = DecodeConfig(
-    max_pixels=40_000_000,
-    max_side=12_000,
-    width=384,
-    height=384,
-    resample=int(Image.Resampling.BICUBIC),
-    jpeg_draft=False,
-    cpu_s=30.0,
-    memory_mb=2048,
-    large_pixels=LARGE_IMAGE_PIXELS,
-)
-
-
-def config(**changes) -> DecodeConfig:
-    return DecodeConfig(**{**CONFIG.__dict__, **changes})
 
 
 def test_the_cpu_budget_grows_with_the_pixels_from_one_second():
