@@ -15,16 +15,12 @@ still equal the exact path's.
 from __future__ import annotations
 
 import io
-import logging
-from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-logger = logging.getLogger("bentoml.blip_serve")
 
 # Decoded together: a batch's JPEGs up to this many pixels at once (~190 MB of uint8 RGB).
 PIXELS_PER_DECODE = 64_000_000
@@ -99,15 +95,16 @@ class DeviceJpegs:
 def chunks_by_pixels(jpegs: list[bytes]) -> list[list[int]]:
     """Indices of `jpegs` in groups whose declared pixels add up to at most PIXELS_PER_DECODE (one
     image alone may be larger): a batch of large photos does not decode all at once."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    group, total = 0, 0
+    groups: list[list[int]] = [[]]
+    total = 0
     for index, jpeg in enumerate(jpegs):
         pixels = declared_pixels(jpeg)
-        if groups[group] and total + pixels > PIXELS_PER_DECODE:
-            group, total = group + 1, 0
-        groups[group].append(index)
+        if groups[-1] and total + pixels > PIXELS_PER_DECODE:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
         total += pixels
-    return list(groups.values())
+    return groups
 
 
 def declared_pixels(jpeg: bytes) -> int:

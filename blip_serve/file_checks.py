@@ -65,11 +65,9 @@ def check_by_format(data: bytes) -> None:
         check_bmp(data)
 
 
-def check_jpeg(data: bytes) -> bool:
-    """Segments and scans of the first image (an MPO's other frames are never decoded). Returns
-    whether the image's end marker follows its data (libjpeg decodes a cut file as grey, and nvJPEG
-    refuses it: BLIP_GPU_DECODE sends only complete files to the model's device)."""
-    position, segments, scans, frame, exif_blocks, ended = 2, 0, 0, None, 0, False
+def check_jpeg(data: bytes) -> None:
+    """Segments and scans of the first image (an MPO's other frames are never decoded)."""
+    position, segments, scans, frame, exif_blocks = 2, 0, 0, None, 0
     while position + 4 <= len(data):
         if data[position] != 0xFF:
             raise refuse("the JPEG's marker structure is corrupt")
@@ -78,7 +76,6 @@ def check_jpeg(data: bytes) -> bool:
             position += 1
             continue
         if marker == 0xD9:  # end of image
-            ended = True
             break
         (length,) = struct.unpack_from(">H", data, position + 2)
         segments += 1
@@ -109,14 +106,12 @@ def check_jpeg(data: bytes) -> bool:
             position = end
             continue
         position += 2 + length
-    ended = ended or data[position : position + 2] == b"\xff\xd9"  # the file's last two bytes
     if frame is None:
         raise UnsupportedImage("the JPEG has no frame header: send the complete file")
     if scans == 0:
         raise UnsupportedImage(
             f"the JPEG is truncated: it declares {frame[0]}x{frame[1]} pixels but holds no image data"
         )
-    return ended
 
 
 def check_first_scan(scan_bytes: int, width: int, height: int) -> None:

@@ -145,10 +145,10 @@ class RequestGuard:
         max_bytes = self.path_max_bytes.get(scope.get("path", ""), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
         declared_bytes = int(declared) if declared is not None and declared.isdigit() else None
-        refusal = self.admit(scope, max_bytes, declared_bytes)
+        reserved = declared_bytes if declared_bytes is not None else max_bytes  # of the reading budget
+        refusal = self.admit(scope, max_bytes, declared_bytes, reserved)
         if refusal is not None:
             return await refusal(scope, receive, send)
-        reserved = declared_bytes if declared_bytes is not None else max_bytes
         self.reading_bytes += reserved
         try:
             request = GuardedRequest(scope, receive, send, max_bytes, self.body_timeout_s)
@@ -156,12 +156,11 @@ class RequestGuard:
         finally:
             self.reading_bytes -= reserved
 
-    def admit(self, scope: Scope, max_bytes: int, declared_bytes: int | None) -> JSONResponse | None:
+    def admit(self, scope: Scope, max_bytes: int, declared_bytes: int | None, reserved: int) -> JSONResponse | None:
         """A 413 for a declared length over the limit, a 503 when this worker is reading its
         budget's worth of bodies already; None: read the body."""
         if declared_bytes is not None and declared_bytes > max_bytes:
             return error_response(413, too_large(max_bytes), scope=scope)
-        reserved = declared_bytes if declared_bytes is not None else max_bytes
         if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
             busy = "the server is busy reading other uploads; retry shortly"
             return error_response(503, busy, {"Retry-After": "1"}, scope)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import BadRequest, ClientError, PayloadTooLarge, UnsupportedImage
-from .file_checks import check_exif, check_jpeg, check_structure
+from .file_checks import check_exif, check_structure
 from .formats import ACCEPTED_FORMATS, ACCEPTED_TEXT
 
 # Truncated files are errors, not half-grey images.
@@ -116,10 +116,14 @@ def device_decodable(image: Image.Image, data: bytes) -> bool:
     """Whether an opened upload (`data`, opened as `image`) can be decoded on the model's device
     (BLIP_GPU_DECODE): a complete baseline 8-bit JPEG in colour or grey, upright as stored. nvJPEG's
     batched decode takes these; the rest (PNG, WebP, CMYK, progressive, an EXIF rotation, an MPO, a
-    cut-off file, whose error the API's decode words) is decoded here."""
+    cut-off file, whose error the API's decode words) is decoded here.
+
+    Complete: open_image's structure pass has walked the file, and the image ends with its end
+    marker, which entropy-coded data cannot hold (libjpeg decodes a cut file as grey, nvJPEG refuses
+    it). A file with bytes after that marker takes the API's path too."""
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
         return False
-    if not check_jpeg(data):
+    if not data.endswith(b"\xff\xd9"):
         return False
     with pillow_errors():
         check_exif_sources(image)

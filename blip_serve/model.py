@@ -325,7 +325,7 @@ class BlipCaptioner:
         values[on_device] = self.normalize.lookup(decoded)
         from_api = [i for i, job in enumerate(jobs) if not job.jpeg]
         if from_api:
-            values[from_api] = self.normalize(np.stack([jobs[i].pixels for i in from_api])).to(self.device)
+            values[from_api] = self.normalize(np.stack([jobs[i].pixels for i in from_api]))
         return values
 
     def results(self, output: torch.Tensor, start: int) -> list[CaptionResult]:

@@ -96,10 +96,15 @@ def tiny_vocab() -> dict[str, int]:
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}
 
 
-def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0, micro: bool = False) -> Path:
-    """Save a random BLIP and its processor to `out_dir` and return the path. `micro`: the real
-    384x384 input and patch size with tiny layers, so that the model costs almost nothing and a
-    load test measures the server around it."""
+SIZES = ("tiny", "micro", "full")
+
+
+def make_blip(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Save a random BLIP and its processor to `out_dir` and return the path. `size`: "tiny" for
+    tests; "micro", the real 384x384 input and patch size with tiny layers, so that the model costs
+    almost nothing and a load test measures the server around it; "full", the base architecture."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, not {size!r}")
     import torch
     from transformers import (
         BertTokenizer,
@@ -123,13 +128,13 @@ def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0, micro: boo
     }
     # BLIP's default vision initializer_range (1e-10) makes every image embed alike and so
     # give the same caption; 0.02 (BERT's) makes captions depend on the image.
-    if full:
+    if size == "full":
         config = BlipConfig(text_config=text_ids, vision_config={"initializer_range": 0.02})
         image_size = config.vision_config.image_size
     else:
         # micro: 577 patches of the real input, so one layer with one head (~4 ms of CPU an image
         # for 20 tokens on a 2-core Xeon, against ~9 ms for the tiny layout at that size).
-        image_size, layers, heads = (384, 1, 1) if micro else (64, 2, 4)
+        image_size, layers, heads = (384, 1, 1) if size == "micro" else (64, 2, 4)
         config = BlipConfig(
             text_config={
                 **text_ids,
@@ -153,7 +158,7 @@ def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0, micro: boo
         )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()
-    if not full:
+    if size != "full":
         # At this size the decoder barely listens to the image through cross-attention: widen
         # those weights (and the vision tower's) so that different images get different captions.
         with torch.no_grad():
@@ -167,20 +172,20 @@ def make_blip(out_dir: str | Path, full: bool = False, seed: int = 0, micro: boo
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / RANDOM_WEIGHTS).write_text("random weights from blip_serve.tiny_model: the captions are gibberish\n")
-    logger.info("wrote a %s random BLIP to %s", "full-size" if full else "micro" if micro else "tiny", out_dir)
+    logger.info("wrote a %s random BLIP to %s", size, out_dir)
     return out_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="base architecture (BlipConfig defaults)")
-    size.add_argument("--micro", action="store_true", help="384x384 input, tiny layers: a near-free model")
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument("--full", action="store_true", help="base architecture (BlipConfig defaults)")
+    kinds.add_argument("--micro", action="store_true", help="384x384 input, tiny layers: a near-free model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_blip(args.out_dir, full=args.full, seed=args.seed, micro=args.micro)
+    make_blip(args.out_dir, "full" if args.full else "micro" if args.micro else "tiny", seed=args.seed)
 
 
 if __name__ == "__main__":

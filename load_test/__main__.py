@@ -110,7 +110,7 @@ def compare(args) -> None:
     if args.model == "micro":  # made here: BLIP's real input size, layers that cost almost nothing
         args.model = str(out / "micro-model")
         if not Path(args.model, "config.json").exists():
-            make_blip(args.model, micro=True)
+            make_blip(args.model, "micro")
     env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
