@@ -2,7 +2,7 @@
 
 Each replaces private code of the versions in WRITTEN_FOR, where no public setting does the job,
 and each is tested by the suite. service.py applies them from one place: `apply()` at import, in
-every server process (it refuses to start on other versions of BentoML or uvicorn), and
+every server process (it refuses to start on other versions of the packages in WRITTEN_FOR), and
 `time_out_silent_connections` in the API's workers. Applying one twice changes nothing more.
 
 1. bound_metric_labels: BentoML's metrics middleware labels every request with its raw path, so
@@ -36,8 +36,15 @@ from starlette.routing import Match
 
 from .http import error_body
 
-# The releases whose private code the patches replace (requirements.txt pins them).
-WRITTEN_FOR = {"bentoml": "1.4.40", "uvicorn": "0.54.0"}
+# The releases whose private code or behaviour blip-serve relies on; the lock (requirements.txt)
+# pins each, and tests/unit/test_server_patches.py fails when the two disagree. Upgrading one is a
+# deliberate change: bump it in requirements/server.in, refresh the lock, re-check every use below.
+WRITTEN_FOR = {
+    "bentoml": "1.4.40",  # the patches here; home_lock (BentoMLContainer), model_client (BENTOML_RUNNER_MAP), drain (worker argv)
+    "uvicorn": "0.54.0",  # time_out_silent_connections and use_h11 here; drain (handle_exit's force_exit)
+    "circus": "0.19.0",  # remove_sockets_after_workers (Arbiter.stop)
+    "aiohttp": "3.14.5",  # model_client: the text of its "Session is closed" RuntimeError
+}
 
 
 def apply() -> None:
@@ -53,8 +60,8 @@ def check_versions() -> None:
         installed = importlib.metadata.version(package)
         if installed != version:
             raise RuntimeError(
-                f"blip_serve/server_patches.py replaces private code of {package} {version}, and {package} "
-                f"{installed} is installed: install {package}=={version} (requirements.txt), or check each "
+                f"blip-serve relies on private code of {package} {version}, and {package} "
+                f"{installed} is installed: install the lock (pip install -r requirements.txt), or check each "
                 "patch against the new release and update WRITTEN_FOR"
             )
 

@@ -12,12 +12,22 @@ from starlette.routing import Mount, Route
 
 from blip_serve import server_patches
 from blip_serve.server_patches import has_route
+from support.locks import LOCKS, read_lock
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_every_lock_installs_the_releases_the_patches_were_written_for(lock):
+    """An upgrade of a patched host is one deliberate change: the lock and WRITTEN_FOR move together,
+    and each patch is re-checked against the new release."""
+    pins = read_lock(lock)
+    locked = {package: pins[package][0] for package in server_patches.WRITTEN_FOR}
+    assert locked == server_patches.WRITTEN_FOR
 
 
 def test_another_release_of_a_patched_package_stops_the_start(monkeypatch):
     server_patches.check_versions()  # the installed ones: fine
     monkeypatch.setitem(server_patches.WRITTEN_FOR, "uvicorn", "0.1.0")
-    with pytest.raises(RuntimeError, match=r"private code of uvicorn 0\.1\.0, and uvicorn .* is installed"):
+    with pytest.raises(RuntimeError, match=r"relies on private code of uvicorn 0\.1\.0, and uvicorn .* is installed"):
         server_patches.check_versions()
 
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Refresh every lock from requirements/*.in, for CPython 3.11 on Linux x86_64 (glibc 2.28+):
+#   bash requirements/lock.sh
+# Needs uv (pip install uv). Each lock pins every package with the hashes of its files; pip
+# installs it in hash-checking mode, so nothing else can enter an install.
+#   requirements.txt        the server, CPU build of torch (quick start, CPU image, CI)
+#   requirements-gpu.txt    the server, CUDA build of torch from PyPI (the GPU image)
+#   requirements-bench.txt  the server and load_test/
+#   requirements-test.txt   the server, load_test/ and the test suite
+# The bench and test locks are resolved within requirements.txt: the tests run the same versions
+# the server installs.
+# torch's CPU build is not on PyPI: pip and uv find it on PyTorch's own page, named in the CPU locks.
+# TORCH_CPU_WHEELS=DIR resolves it from a folder holding that same wheel instead (a host that
+# cannot reach PyTorch's page); the lock records the file's hash either way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torch_cpu_page=https://download.pytorch.org/whl/cpu/torch/
+compile() {  # OUT INPUT... [OPTION...]
+    local out=$1
+    shift
+    uv pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+        --custom-compile-command "bash requirements/lock.sh" --no-emit-find-links "$@" -o "$out"
+}
+compile_cpu() {
+    compile "$@" --find-links "${TORCH_CPU_WHEELS:-$torch_cpu_page}" requirements/cpu.in
+}
+# pip and uv read PyTorch's page from the CPU locks themselves: one line after uv's header.
+name_torch_page() {
+    sed -i "0,/^[a-z]/s|^\([a-z]\)|--find-links $torch_cpu_page\n\n\1|" "$@"
+}
+compile_cpu requirements.txt requirements/server.in
+compile requirements-gpu.txt requirements/gpu.in
+compile_cpu requirements-bench.txt requirements/bench.in --constraint requirements.txt
+compile_cpu requirements-test.txt requirements/test.in --constraint requirements.txt
+name_torch_page requirements.txt requirements-bench.txt requirements-test.txt
+echo "locked: $(grep -c '^[a-z].*==' requirements.txt) packages in requirements.txt, $(grep -c '^[a-z].*==' requirements-gpu.txt) in requirements-gpu.txt"

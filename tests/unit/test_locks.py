@@ -1,0 +1,57 @@
+"""The locks (requirements/lock.sh writes them): every package pinned with its files' hashes, the
+server's versions the same in every lock, and the requirements they were made from all in them."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from support.locks import LOCKS, REPO, canonical, read_lock
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_every_package_is_pinned_with_hashes(lock):
+    pins = read_lock(lock)
+    assert len(pins) > 80  # the whole tree, not the direct requirements alone
+    for package, (version, hashes) in pins.items():
+        assert hashes, f"{lock}: {package}=={version} has no hash"
+
+
+def requirement_names(source: str) -> set[str]:
+    names = set()
+    for line in (REPO / "requirements" / source).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            names.add(canonical(re.split(r"[=<>~! \[]", line, maxsplit=1)[0]))
+    return names
+
+
+@pytest.mark.parametrize(
+    ("lock", "sources"),
+    [
+        ("requirements.txt", ["server.in", "cpu.in"]),
+        ("requirements-gpu.txt", ["server.in", "gpu.in"]),
+        ("requirements-bench.txt", ["server.in", "bench.in"]),
+        ("requirements-test.txt", ["server.in", "bench.in", "test.in"]),
+    ],
+)
+def test_each_lock_holds_what_it_was_made_from(lock, sources):
+    missing = set().union(*(requirement_names(s) for s in sources)) - set(read_lock(lock))
+    assert not missing, f"{lock} lacks {sorted(missing)}: run bash requirements/lock.sh"
+
+
+@pytest.mark.parametrize("lock", ["requirements-bench.txt", "requirements-test.txt"])
+def test_bench_and_test_locks_install_the_servers_versions(lock):
+    server, other = read_lock("requirements.txt"), read_lock(lock)
+    differ = {p: (server[p][0], other[p][0]) for p in server if other.get(p, server[p])[0] != server[p][0]}
+    assert set(server) <= set(other) and not differ, f"{lock} differs from requirements.txt: {differ}"
+
+
+def test_cpu_locks_take_torchs_cpu_build_and_the_gpu_lock_the_cuda_one():
+    for lock in ("requirements.txt", "requirements-bench.txt", "requirements-test.txt"):
+        assert read_lock(lock)["torch"][0].endswith("+cpu"), lock
+        assert "--find-links https://download.pytorch.org/whl/cpu/torch/" in (REPO / lock).read_text()
+    gpu = read_lock("requirements-gpu.txt")
+    assert "+" not in gpu["torch"][0] and "nvidia-cublas" in gpu
+    assert gpu["torch"][0] == read_lock("requirements.txt")["torch"][0].removesuffix("+cpu")
