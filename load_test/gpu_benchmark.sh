@@ -4,8 +4,8 @@
 #
 #   bash load_test/gpu_benchmark.sh [OUT_DIR]
 #
-# Needs requirements-bench.txt installed (torch's PyPI wheel for Linux is the CUDA build) and, for
-# BLIP_GPU_DECODE, torchvision==0.28.0. Makes a full-size random BLIP (the base architecture: same
+# Needs requirements-bench-gpu.txt installed (the bench lock with torch's CUDA build and
+# torchvision, for BLIP_GPU_DECODE). Makes a full-size random BLIP (the base architecture: same
 # compute as the real one); 20 tokens per caption, fp16, batches up to 64, 640x480 JPEGs unless
 # said. In order of what matters most, each part with its own time limit:
 #   compile-gpudecode   served, BLIP_COMPILE=1 BLIP_GPU_DECODE=1, concurrency 128 and 256

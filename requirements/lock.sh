@@ -6,8 +6,9 @@
 #   requirements.txt        the server, CPU build of torch (quick start, CPU image, CI)
 #   requirements-gpu.txt    the server, CUDA build of torch from PyPI (the GPU image)
 #   requirements-bench.txt  the server and load_test/
+#   requirements-bench-gpu.txt  the same with the CUDA build (load_test/gpu_benchmark.sh)
 #   requirements-test.txt   the server, load_test/ and the test suite
-# The bench and test locks are resolved within requirements.txt: the tests run the same versions
+# The bench and test locks are resolved within the server's lock: the tests run the same versions
 # the server installs.
 # torch's CPU build is not on PyPI: pip and uv find it on PyTorch's own page, named in the CPU locks.
 # TORCH_CPU_WHEELS=DIR resolves it from a folder holding that same wheel instead (a host that
@@ -32,5 +33,6 @@ compile_cpu requirements.txt requirements/server.in
 compile requirements-gpu.txt requirements/gpu.in
 compile_cpu requirements-bench.txt requirements/bench.in --constraint requirements.txt
 compile_cpu requirements-test.txt requirements/test.in --constraint requirements.txt
+compile requirements-bench-gpu.txt requirements/bench.in requirements/gpu.in --constraint requirements-gpu.txt
 name_torch_page requirements.txt requirements-bench.txt requirements-test.txt
 echo "locked: $(grep -c '^[a-z].*==' requirements.txt) packages in requirements.txt, $(grep -c '^[a-z].*==' requirements-gpu.txt) in requirements-gpu.txt"

@@ -13,6 +13,7 @@ import yaml
 
 from load_test.servers import BENTOML, REPO, ServerProcess, free_port
 from support.images import encode, scene
+from support.locks import read_lock
 
 pytestmark = pytest.mark.slow  # starts the real server
 
@@ -50,6 +51,14 @@ def test_model_source_prefers_the_stored_model(bentoml_home, tiny_model_dir, tmp
     assert source_kind(empty_home, "") == "HubModel"  # the hub default
 
 
+def test_the_gpu_bentofile_differs_only_in_its_lock():
+    cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    gpu = yaml.safe_load((REPO / "bentofile.gpu.yaml").read_text())
+    assert cpu["python"].pop("requirements_txt") == "requirements.txt"
+    assert gpu["python"].pop("requirements_txt") == "requirements-gpu.txt"
+    assert cpu == gpu
+
+
 def test_bentoml_build_packs_the_model_and_the_bento_serves_it(bentoml_home, reference, tmp_path):
     build = subprocess.run(
         [BENTOML, "build", "--output", "tag"], cwd=REPO, env=bentoml_home, capture_output=True, text=True
@@ -62,6 +71,9 @@ def test_bentoml_build_packs_the_model_and_the_bento_serves_it(bentoml_home, ref
     for service in manifest["services"]:  # `bentoml containerize` copies these models into the image
         assert [m["tag"].split(":")[0] for m in service["models"]] == ["blip-captioning"]
     assert sorted(p.name for p in (bento_dir / "src").iterdir()) == ["bentofile.yaml", "blip_serve", "service.py"]
+    # What `bentoml containerize` installs: the lock, every pin and hash as in requirements.txt
+    # (BentoML rewrites the file's layout, not its requirements).
+    assert read_lock(bento_dir / "env" / "python" / "requirements.txt") == read_lock("requirements.txt")
     packed = sorted(p.name for p in (bento_dir / "src" / "blip_serve").glob("*.py"))
     assert not {"tiny_model.py", "import_model.py", "client.py"} & set(packed)  # only what serves
     assert {"http.py", "images.py", "model.py", "settings.py"} <= set(packed)

@@ -37,6 +37,7 @@ def test_service_names_and_ports_agree_with_nginx():
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     devices = gpu["services"][host]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+    assert gpu["services"][host]["image"] == "${BLIP_IMAGE:-blip-serve-gpu:latest}"  # bentofile.gpu.yaml's
 
 
 def test_no_empty_default_that_podman_compose_would_pass_literally():

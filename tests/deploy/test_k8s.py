@@ -152,6 +152,8 @@ def test_gpu_overlay_asks_for_a_gpu_node():
     assert pod["nodeSelector"]
     assert settings_of(objects)["BLIP_PRECISION"] == "fp16"
     assert "nvidia.com/gpu" not in container(render("cpu"))["resources"].get("limits", {})
+    # torch's CUDA build is in the GPU image only (bentofile.gpu.yaml installs requirements-gpu.txt)
+    assert spec["image"] == "blip-serve-gpu:latest" and container(render("cpu"))["image"] == "blip-serve:latest"
 
 
 def test_with_a_read_only_root_bentoml_home_is_on_a_volume(rendered):

@@ -34,6 +34,7 @@ def requirement_names(source: str) -> set[str]:
         ("requirements-gpu.txt", ["server.in", "gpu.in"]),
         ("requirements-bench.txt", ["server.in", "bench.in"]),
         ("requirements-test.txt", ["server.in", "bench.in", "test.in"]),
+        ("requirements-bench-gpu.txt", ["server.in", "bench.in", "gpu.in"]),
     ],
 )
 def test_each_lock_holds_what_it_was_made_from(lock, sources):
@@ -41,17 +42,26 @@ def test_each_lock_holds_what_it_was_made_from(lock, sources):
     assert not missing, f"{lock} lacks {sorted(missing)}: run bash requirements/lock.sh"
 
 
-@pytest.mark.parametrize("lock", ["requirements-bench.txt", "requirements-test.txt"])
-def test_bench_and_test_locks_install_the_servers_versions(lock):
-    server, other = read_lock("requirements.txt"), read_lock(lock)
+@pytest.mark.parametrize(
+    ("server_lock", "lock"),
+    [
+        ("requirements.txt", "requirements-bench.txt"),
+        ("requirements.txt", "requirements-test.txt"),
+        ("requirements-gpu.txt", "requirements-bench-gpu.txt"),
+    ],
+)
+def test_bench_and_test_locks_install_the_servers_versions(server_lock, lock):
+    server, other = read_lock(server_lock), read_lock(lock)
     differ = {p: (server[p][0], other[p][0]) for p in server if other.get(p, server[p])[0] != server[p][0]}
-    assert set(server) <= set(other) and not differ, f"{lock} differs from requirements.txt: {differ}"
+    assert set(server) <= set(other) and not differ, f"{lock} differs from {server_lock}: {differ}"
 
 
 def test_cpu_locks_take_torchs_cpu_build_and_the_gpu_lock_the_cuda_one():
     for lock in ("requirements.txt", "requirements-bench.txt", "requirements-test.txt"):
         assert read_lock(lock)["torch"][0].endswith("+cpu"), lock
         assert "--find-links https://download.pytorch.org/whl/cpu/torch/" in (REPO / lock).read_text()
-    gpu = read_lock("requirements-gpu.txt")
-    assert "+" not in gpu["torch"][0] and "nvidia-cublas" in gpu
-    assert gpu["torch"][0] == read_lock("requirements.txt")["torch"][0].removesuffix("+cpu")
+    for lock in ("requirements-gpu.txt", "requirements-bench-gpu.txt"):
+        gpu = read_lock(lock)
+        assert "+" not in gpu["torch"][0] and "nvidia-cublas" in gpu, lock
+        assert gpu["torch"][0] == read_lock("requirements.txt")["torch"][0].removesuffix("+cpu")
+        assert "find-links" not in (REPO / lock).read_text()
