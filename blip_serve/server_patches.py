@@ -42,7 +42,7 @@ from .http import error_body
 WRITTEN_FOR = {
     "bentoml": "1.4.40",  # the patches here; home_lock (BentoMLContainer), model_client (BENTOML_RUNNER_MAP), drain (worker argv)
     "uvicorn": "0.54.0",  # time_out_silent_connections and use_h11 here; drain (handle_exit's force_exit)
-    "circus": "0.19.0",  # remove_sockets_after_workers (Arbiter.stop)
+    "kantoku": "0.18.3",  # BentoML's fork of circus, which installs the `circus` module: remove_sockets_after_workers
     "aiohttp": "3.14.5",  # model_client: the text of its "Session is closed" RuntimeError
 }
 

@@ -24,6 +24,13 @@ def test_every_lock_installs_the_releases_the_patches_were_written_for(lock):
     assert locked == server_patches.WRITTEN_FOR
 
 
+def test_the_circus_module_comes_from_bentomls_fork_alone():
+    """kantoku installs `circus`; the original circus package would overwrite its files."""
+    import importlib.metadata
+
+    assert importlib.metadata.packages_distributions()["circus"] == ["kantoku"]
+
+
 def test_another_release_of_a_patched_package_stops_the_start(monkeypatch):
     server_patches.check_versions()  # the installed ones: fine
     monkeypatch.setitem(server_patches.WRITTEN_FOR, "uvicorn", "0.1.0")
