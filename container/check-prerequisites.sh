@@ -14,9 +14,10 @@ need debootstrap debootstrap
 need curl curl
 if [ "${1:-}" = compose ]; then
     need podman-compose podman-compose
-    # Compose services find each other by name through the CNI dnsname plugin.
+    # Compose services find each other by name through the CNI dnsname plugin, looked for where
+    # Debian and podman put CNI plugins (CNI_PLUGIN_DIRS: other folders, space-separated).
     dnsname=0
-    for dir in /usr/lib/cni /usr/libexec/cni /opt/cni/bin ${CNI_PLUGIN_DIR:-}; do
+    for dir in ${CNI_PLUGIN_DIRS:-/usr/lib/cni /usr/libexec/cni /opt/cni/bin}; do
         [ -x "$dir/dnsname" ] && dnsname=1
     done
     [ "$dnsname" = 1 ] || missing+=("the CNI dnsname plugin (apt-get install golang-github-containernetworking-plugin-dnsname)")

@@ -14,7 +14,8 @@ TOOLS = ["buildah", "podman", "runc", "debootstrap", "curl", "podman-compose"]
 
 
 def check(path_dir: Path, *args: str, cni_dir: Path | None = None) -> subprocess.CompletedProcess:
-    env = {"PATH": str(path_dir), "CNI_PLUGIN_DIR": str(cni_dir or path_dir / "none")}
+    # Only the test's own folders: the host's may hold the real plugin.
+    env = {"PATH": str(path_dir), "CNI_PLUGIN_DIRS": str(cni_dir or path_dir / "none")}
     return subprocess.run([shutil.which("bash"), str(SCRIPT), *args], env=env, capture_output=True, text=True)
 
 
