@@ -103,7 +103,8 @@ def test_gpu_decode_setting_sends_baseline_jpegs_to_the_model(tiny_model_dir, tm
 
     jpeg = encode(scene(32, (640, 480)), "JPEG", quality=90)
     png = encode(scene(33), "PNG")
-    with bento_server({"BLIP_MODEL": tiny_model_dir, "BLIP_GPU_DECODE": "true"}, tmp_path / "gpu-decode.log") as served:
+    settings = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_GPU_DECODE": "true"}  # as the reference
+    with bento_server(settings, tmp_path / "gpu-decode.log") as served:
         info = httpx.get(f"{served.url}/info").json()
         answers = [
             post_caption(served, files={"file": (name, data)}) for name, data in [("a.jpg", jpeg), ("b.png", png)]
