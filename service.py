@@ -50,7 +50,7 @@ from blip_serve.jobs import CaptionJob, CaptionResult
 from blip_serve.model_client import model_service_ready, send_jobs
 from blip_serve.model_files import describe_source, model_dir, model_source, served_model_id
 from blip_serve.openai_api import chat_completions_body, completion, completion_chunks, model_list, read_chat_request
-from blip_serve.settings import load_settings
+from blip_serve.settings import load_settings, require_cuda
 from blip_serve.text_limits import TextLimits
 from blip_serve.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
 
@@ -59,6 +59,8 @@ FETCH_HOSTS = settings.fetch_hosts()  # image URLs /v1/chat/completions may fetc
 STARTED = int(time.time())
 if home_lock.is_serve_supervisor():  # a second server under this BENTOML_HOME would wipe our /metrics
     home_lock.take()
+    if settings.device == "cuda":  # checked once, before any worker starts (a worker would restart forever)
+        require_cuda()
 
 # BLIP's files: a local directory, a hub model (downloaded when the server starts), or the model
 # imported into BentoML's model store, which `bentoml build` packs into the bento.

@@ -27,7 +27,7 @@ class HubUnreachable(SystemExit):
 
 
 class NoSuchModelDirectory(SystemExit):
-    """BLIP_MODEL names a local path that is not there: one line, no traceback."""
+    """BLIP_MODEL names a local path that is not there, or holds no model: one line, no traceback."""
 
 
 def looks_like_a_path(value: str) -> bool:
@@ -70,7 +70,13 @@ def model_source(setting: str):
       packs into the bento) when there is one, else the hub's Salesforce/blip-image-captioning-base.
     """
     if setting and Path(setting).expanduser().is_dir():
-        return str(Path(setting).expanduser())
+        directory = Path(setting).expanduser()
+        if not holds_a_model(directory):
+            raise NoSuchModelDirectory(
+                f"BLIP_MODEL={setting!r}: {directory.absolute()} holds no saved model (save_pretrained writes "
+                "config.json and model.safetensors or pytorch_model.bin): point it at the model's own folder"
+            )
+        return str(directory)
     if setting and looks_like_a_path(setting):
         where = Path(setting).expanduser().absolute()
         what = "is not a directory" if where.exists() else "does not exist"
@@ -81,6 +87,12 @@ def model_source(setting: str):
         return bentoml.models.BentoModel(bentoml.models.get(STORE_MODEL).tag)
     except bentoml.exceptions.NotFound:
         return HubModel(DEFAULT_MODEL, exclude=HUB_EXCLUDE)
+
+
+def holds_a_model(directory: Path) -> bool:
+    """A folder as save_pretrained (or a hub snapshot) leaves it: a config and weights."""
+    weights = ("*.safetensors", "pytorch_model*.bin")
+    return (directory / "config.json").is_file() and any(any(directory.glob(p)) for p in weights)
 
 
 def model_dir(resolved) -> str:

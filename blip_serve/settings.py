@@ -1,11 +1,14 @@
 """Every setting of the server, read once from `BLIP_*` environment variables and validated.
 
 The README's configuration table documents each one (a test keeps the two in step). A bad value
-stops the server at start with one line naming the variable, the value and what is allowed.
+stops the server at start with one line naming the variable, the value and what is allowed; so
+does a BLIP_* variable whose name is a near miss of a setting's.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 from typing import Literal
 
 from pydantic import Field, ValidationError
@@ -94,8 +97,34 @@ class BadSetting(SystemExit):
     """Raised at start for an invalid BLIP_* value; its text is the one line the operator sees."""
 
 
+# BLIP_* names that other parts of the project read (the client and notebook, compose, the
+# container and benchmark scripts), or that the server no longer reads: never a mistyped setting.
+OTHER_BLIP_VARIABLES = {"BLIP_SERVER_URL", "BLIP_IMAGE_DIR", "BLIP_HTTP_PORT", "BLIP_IMAGE", "BLIP_BASE_IMAGE"}
+RETIRED_SETTINGS = {"BLIP_MAX_LATENCY_MS"}  # replaced by BLIP_MAX_QUEUED_IMAGES (README)
+
+
+def mistyped_names(environ) -> list[str]:
+    """`BLIP_NAME: no such setting (did you mean ...?)` for each BLIP_* variable that is no setting
+    but close to one: a typo would otherwise be ignored without a word."""
+    known = [f"BLIP_{name.upper()}" for name in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("BLIP_") or upper in known or upper.startswith("BLIP_BENCH_"):
+            continue
+        if upper in OTHER_BLIP_VARIABLES | RETIRED_SETTINGS:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        if close:
+            found.append(f"{name}: no such setting (did you mean {close[0]}?)")
+    return found
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Settings from the environment (or `environ`); BadSetting names every bad variable."""
+    typos = mistyped_names(os.environ if environ is None else environ)
+    if typos:
+        raise BadSetting("invalid settings: " + "; ".join(typos))
     try:
         if environ is None:
             return Settings()
@@ -121,3 +150,18 @@ def describe(error: dict) -> str:
     else:
         message = message[0].lower() + message[1:]
     return f"{name}={error.get('input')!r}: {message}"
+
+
+def require_cuda() -> None:
+    """BLIP_DEVICE=cuda on a host where torch sees no GPU stops the start with one line, instead of a
+    model worker that fails and is restarted forever. Imports torch: call only when cuda is asked."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"torch {torch.__version__}, " + (
+        f"CUDA {torch.version.cuda}: no GPU visible (the NVIDIA driver, or the container's GPU)"
+        if torch.version.cuda
+        else "a CPU-only build: install requirements-gpu.txt"
+    )
+    raise BadSetting(f"BLIP_DEVICE='cuda': torch sees no CUDA GPU ({build}); or set BLIP_DEVICE=auto or cpu")

@@ -64,6 +64,44 @@ def test_a_mistyped_model_path_is_no_such_directory(tmp_path):
     assert lines[0].endswith("/modles/tiny does not exist)") and elapsed < 60
 
 
+def one_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if "torchvision" not in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_a_folder_without_a_model_stops_the_start(tmp_path):
+    """Before: the model worker failed to load, and was restarted forever (/readyz never answered)."""
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no model here")
+    code, output, elapsed = serve({"BLIP_MODEL": str(empty)}, tmp_path / "home")
+    assert code != 0 and elapsed < 30
+    assert one_line(output) == (
+        f"BLIP_MODEL={str(empty)!r}: {empty} holds no saved model (save_pretrained writes config.json and "
+        "model.safetensors or pytorch_model.bin): point it at the model's own folder"
+    )
+
+
+def test_cuda_asked_where_torch_sees_no_gpu_stops_the_start(tiny_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: BLIP_DEVICE=cuda is right here")
+    code, output, elapsed = serve({"BLIP_MODEL": tiny_model_dir, "BLIP_DEVICE": "cuda"}, tmp_path)
+    assert code != 0 and elapsed < 30
+    line = one_line(output)
+    assert line.startswith(f"BLIP_DEVICE='cuda': torch sees no CUDA GPU (torch {torch.__version__}, ")
+    assert line.endswith("or set BLIP_DEVICE=auto or cpu")
+    if torch.version.cuda is None:
+        assert "a CPU-only build: install requirements-gpu.txt" in line
+
+
+def test_a_mistyped_setting_stops_the_start(tiny_model_dir, tmp_path):
+    code, output, elapsed = serve({"BLIP_MODEL": tiny_model_dir, "BLIP_MAX_BATCH": "4"}, tmp_path)
+    assert code != 0 and elapsed < 30
+    assert one_line(output) == "invalid settings: BLIP_MAX_BATCH: no such setting (did you mean BLIP_MAX_BATCH_SIZE?)"
+
+
 def test_a_name_that_could_be_either_says_both(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     code, output, _ = serve({"HF_ENDPOINT": closed, "BLIP_MODEL": "modles/tiny"}, tmp_path)

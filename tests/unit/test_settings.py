@@ -53,6 +53,29 @@ def test_a_bad_value_is_one_line_naming_variable_value_and_what_is_allowed(envir
     assert message in text and "\n" not in text
 
 
+@pytest.mark.parametrize(
+    "name, meant",
+    [("BLIP_MAX_BATCH", "BLIP_MAX_BATCH_SIZE"), ("BLIP_PRECSION", "BLIP_PRECISION"), ("blip_devices", "BLIP_DEVICE")],
+)
+def test_a_mistyped_setting_is_refused_with_the_name_it_is_close_to(name, meant):
+    with pytest.raises(BadSetting) as raised:
+        load_settings({name: "4"})
+    assert str(raised.value) == f"invalid settings: {name}: no such setting (did you mean {meant}?)"
+
+
+def test_other_blip_variables_are_not_taken_for_typos():
+    """The client's, compose's and the scripts' own BLIP_* variables, and names far from any setting."""
+    environ = {
+        "BLIP_SERVER_URL": "http://h:1",
+        "BLIP_IMAGE": "blip-serve:gpu",
+        "BLIP_HTTP_PORT": "8080",
+        "BLIP_BENCH_SECONDS": "60",
+        "BLIP_MAX_LATENCY_MS": "100",
+        "BLIP_SOMETHING_ELSE": "x",
+    }
+    assert load_settings(environ) == load_settings({})
+
+
 def test_every_bad_variable_is_named_at_once():
     with pytest.raises(BadSetting, match="BLIP_DEVICE=.*; BLIP_ATTENTION="):
         load_settings({"BLIP_DEVICE": "tpu", "BLIP_ATTENTION": "flash"})
