@@ -270,13 +270,15 @@ def chunks(items: list, size: int) -> Iterator[list]:
 
 
 def find_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Images under `paths` (folders walked recursively), sorted; and the files skipped."""
+    """Images under `paths` (folders walked recursively), sorted; and the files skipped, less the
+    sidecars of those images (an earlier --sidecar run wrote them: nothing to say about them)."""
     images, skipped = [], []
     for path in paths:
         candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for candidate in candidates:
             (images if candidate.suffix.lower() in IMAGE_SUFFIXES else skipped).append(candidate)
-    return images, skipped
+    sidecars = {sidecar(image) for image in images}
+    return images, [path for path in skipped if path not in sidecars]
 
 
 CSV_COLUMNS = ["path", "caption", "error", "status"]
@@ -540,6 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.resume and not (args.out or args.sidecar):
         parser.error("--resume needs --out or --sidecar")
+    missing = [str(path) for path in args.paths if not path.exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
     counts: Counter = Counter()
     try:
         code = asyncio.run(caption_folder(args, counts))

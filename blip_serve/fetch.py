@@ -38,7 +38,11 @@ def public(address: str) -> bool:
 
 async def destination(url: str, hosts: frozenset[str], allow_private: bool, resolver=resolve) -> tuple[str, str, int]:
     """(scheme, the address to connect to, port) for `url`, or FetchRefused saying why not."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises for a port that is no number, or out of range  # noqa: B018
+    except ValueError:
+        raise FetchRefused(f"the image URL is malformed: {url[:100]!r}", param="messages") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FetchRefused(f"only http and https image URLs are fetched, not {url[:100]!r}", param="messages")
     host = parts.hostname.lower()

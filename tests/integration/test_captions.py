@@ -120,3 +120,26 @@ def test_gpu_decode_setting_sends_baseline_jpegs_to_the_model(tiny_model_dir, tm
     assert (
         truncated.status_code == 415 and "not a complete, valid image" in truncated.json()["error"]
     )  # the API decoded it
+
+
+@pytest.mark.parametrize("library", ["httpx", "aiohttp"])
+def test_the_readmes_python_examples_run_as_written(server, reference, library):
+    """Each README example, against this server: the aiohttp one once never called its main()."""
+    import re
+    import subprocess
+    import sys
+
+    from load_test.servers import REPO
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    code = next(block for block in blocks if block.startswith(f"import {library}") or f", {library}" in block[:40])
+    result = subprocess.run(
+        [sys.executable, "-c", code.replace("http://127.0.0.1:3000", server.url)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = reference.caption((REPO / "examples" / "sample.jpg").read_bytes())
+    assert expected in result.stdout and result.stdout.count(expected) == (8 if library == "aiohttp" else 1)

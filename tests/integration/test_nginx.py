@@ -96,6 +96,42 @@ def test_no_bento_behind_nginx_is_a_json_502(nginx_prefix):
         proxy.stop()
 
 
+NGINX_OWN_ERRORS = {
+    # what a client sends: (status, words of the JSON error)
+    b"GARBAGE\r\n\r\n": (400, "not valid HTTP/1.1"),
+    b"GET /readyz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n": (400, "not valid HTTP/1.1"),
+    b"GET /readyz HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 20000 + b"\r\n\r\n": (400, "headers are larger than 8 KB"),
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: a\r\n\r\n": (414, "URL is longer than 8 KB"),
+    b"TRACE /caption HTTP/1.1\r\nHost: a\r\n\r\n": (405, "method not allowed"),
+    b"POST /caption HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n": (501, "Transfer-Encoding"),
+    b"GET /readyz HTTP/2.0\r\nHost: a\r\n\r\n": (505, "HTTP/1.0 and HTTP/1.1"),
+    b"GET /_nginx_errors/400 HTTP/1.1\r\nHost: a\r\n\r\n": (404, "no such path"),  # internal only
+    b"POST /captions HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n": (502, "no captioning server"),
+}
+
+
+def test_nginxs_own_errors_are_json(nginx_prefix):
+    """Before: nginx's 400, 405, 414, 501 and 505 were HTML pages, and /captions' own 502 too."""
+    import json
+    import socket
+
+    dead = f"http://127.0.0.1:{free_port()}"  # no bento: every answer is nginx's own
+    proxy = NginxServer([dead], nginx_prefix).start(ready=None)
+    try:
+        for raw, (status, words) in NGINX_OWN_ERRORS.items():
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as connection:
+                connection.sendall(raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/1.1 {status} ".encode()), (raw[:60], head)
+            assert b"content-type: application/json" in head.lower(), (raw[:60], head)
+            assert words in json.loads(body)["error"], (raw[:60], body)
+    finally:
+        proxy.stop()
+
+
 def test_two_replicas_both_get_traffic(tiny_model_dir, tmp_path, nginx_prefix):
     env = {"BLIP_MODEL": tiny_model_dir}
     with bento_server(env, tmp_path / "a.log") as first, bento_server(env, tmp_path / "b.log") as second:

@@ -131,6 +131,10 @@ class ImageHost:
                     self.send_response(302)
                     self.send_header("location", "http://127.0.0.2:1/cat.jpg")
                     self.end_headers()
+                elif self.path == "/malformed-redirect":
+                    self.send_response(302)
+                    self.send_header("location", "http://localhost:99999/cat.jpg")
+                    self.end_headers()
                 elif self.path == "/huge.jpg":
                     self.send(JPEG + bytes(11 * 1024 * 1024))
                 elif self.path == "/slow.jpg":
@@ -213,6 +217,19 @@ def test_an_allowed_host_is_fetched_within_the_limits(fetching_server, image_hos
     else:
         assert words in response.json()["error"]["message"] and response.json()["error"]["param"] == "messages"
     assert httpx.get(f"{fetching_server.url}/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:99999/a.jpg", "http://localhost:abc/a.jpg", "http://[::1/a.jpg", "/malformed-redirect"]
+)
+def test_a_malformed_image_url_is_a_400_naming_it(fetching_server, image_host, url):
+    """Before: a 500 (urlsplit's ValueError for a bad port or bracket went unhandled)."""
+    url = image_host.url(url) if url.startswith("/") else url
+    body = {"model": model_id(fetching_server), "messages": image_message(url)}
+    response = httpx.post(f"{fetching_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("the image URL is malformed: 'http://") and error["param"] == "messages"
 
 
 def test_a_host_off_the_list_is_never_asked(fetching_server, image_host):

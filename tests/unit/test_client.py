@@ -109,6 +109,23 @@ def test_sidecar_plan_refuses_clashes_and_files_it_did_not_write(tmp_path):
     assert plan_sidecars(images, resume=False, overwrite=True) == (images, [])
 
 
+def test_a_path_that_is_not_there_is_refused_before_any_request(tmp_path):
+    """Before: exit 0 with "nothing to do"."""
+    make_folder(tmp_path / "photos", count=1, bad=0)
+    result = run_cli(f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), str(tmp_path / "nosuchdir"))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"blip-caption: error: no such file or folder: {tmp_path / 'nosuchdir'}")
+
+
+def test_the_sidecars_of_an_earlier_run_are_not_skipped_files(tmp_path):
+    from blip_serve.client import find_images
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "a.txt").write_text("a caption")  # a.jpg's sidecar
+    (tmp_path / "notes.txt").write_text("mine")
+    assert find_images([tmp_path]) == ([tmp_path / "a.jpg"], [tmp_path / "notes.txt"])
+
+
 def test_a_closed_port_fails_at_once_and_says_why(tmp_path):
     make_folder(tmp_path / "photos", count=3, bad=0)
     started = time.monotonic()
