@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .errors import ClientError, PayloadTooLarge, Unavailable, UnsupportedImage
+from .errors import ClientError, PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
 from .formats import ACCEPTED_TEXT
 from .images import (
     ImageLimits,
@@ -186,27 +186,40 @@ class DecodePool:
         await asyncio.gather(*self.retiring)
 
     async def decode(self, data: bytes, owner: int, large_ok: bool) -> tuple[dict, bytes]:
-        process = await self.take(owner)
-        try:
-            header, payload = await process.decode(data, large_ok)
-        except BaseException as exc:  # cancelled (the request is over), or the child died
-            self.retire(process)
+        """The child's answer. A child that dies on an image is tried once more on a fresh one: it
+        may have died before the image reached it (killed from outside, say), which is the server's
+        fault, not the upload's. Only the CPU budget's signal is the image's at once."""
+        for attempt in (1, 2):
+            process = await self.take(owner)
+            try:
+                header, payload = await process.decode(data, large_ok)
+            except BaseException as exc:  # cancelled (the request is over), or the child died
+                self.retire(process)
+                self.give_back(process, owner)
+                if not isinstance(exc, DecodeFailed):
+                    raise
+                returncode = exc.args[0]
+                if returncode != -signal.SIGPROF and attempt == 1:
+                    logger.warning(
+                        "an image decode process ended (status %s); trying the image on a new one", returncode
+                    )
+                    continue
+                raise self.failure(returncode) from None
+            if process.grown(header.get("rss", 0)):
+                self.retire(process)
             self.give_back(process, owner)
-            if isinstance(exc, DecodeFailed):
-                raise self.failure(exc.args[0]) from None
-            raise
-        if process.grown(header.get("rss", 0)):
-            self.retire(process)
-        self.give_back(process, owner)
-        return header, payload
+            return header, payload
+        raise AssertionError("unreachable")
 
-    def failure(self, returncode: int) -> ClientError:
+    def failure(self, returncode: int) -> ServiceError:
         if returncode == -signal.SIGPROF:
             return PayloadTooLarge(
                 "decoding the image took more CPU time than the server allows for its size "
                 f"({self.config.cpu_s:g} s for {self.config.max_pixels / 1e6:g} MP, in proportion for fewer "
                 "pixels): send it as an ordinary JPEG or PNG"
             )
+        if returncode in (-signal.SIGKILL, -signal.SIGTERM):  # twice, from outside: not the image's doing
+            return Unavailable("an image decode process was stopped from outside; retry shortly")
         return UnsupportedImage(f"the file could not be decoded: send an uncorrupted {ACCEPTED_TEXT}")
 
     async def take(self, owner: int) -> DecodeProcess:
@@ -237,10 +250,13 @@ class DecodePool:
         self.forget_if_done(owner)
         if not process.alive():
             process = DecodeProcess(self.config)
-        if not self.waiting:
+        # A waiter whose request was cancelled has a cancelled turn before its own clean-up runs:
+        # it is passed over here (handing it the process would fail, and lose the process).
+        waiting = [entry for entry in self.waiting if not entry[1].done()]
+        if not waiting:
             self.idle.append(process)
             return
-        chosen = min(self.waiting, key=lambda entry: (self.running[entry[0]], self.handed[entry[0]]))
+        chosen = min(waiting, key=lambda entry: (self.running[entry[0]], self.handed[entry[0]]))
         self.waiting.remove(chosen)
         self.hand_to(chosen[0])
         chosen[1].set_result(process)

@@ -240,3 +240,42 @@ def test_the_costliest_accepted_uploads_stay_within_their_memory_figure(name):
     grew = (header["peak"] - fresh) >> 20
     print(f"{name}: +{grew} MB at the decode's peak")
     assert grew < megabytes
+
+
+def test_a_process_killed_from_outside_is_the_servers_fault_not_the_images():
+    """Before: the next upload went to the dead process and got a 415 ("could not be decoded").
+    Now it is tried on a new process; killed again from outside, it is a 503 to retry."""
+    import os
+    import signal
+
+    from blip_serve.errors import Unavailable
+
+    async def go():
+        decoders = await started()
+        for pid in pids(decoders):
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        prepared = await decoders.prepare(encode(scene(3), "JPEG"), owner=1)
+
+        [child] = decoders.small.idle
+        real_decode = child.decode.__func__
+
+        async def killed_on_arrival(process, data, large_ok):  # every process dies as the image arrives
+            await process.ready()
+            os.kill(process.process.pid, signal.SIGKILL)
+            await process.process.wait()
+            return await real_decode(process, data, large_ok)
+
+        from blip_serve.decode_workers import DecodeProcess
+
+        DecodeProcess.decode = killed_on_arrival
+        try:
+            with pytest.raises(Unavailable) as caught:
+                await decoders.prepare(encode(scene(4), "JPEG"), owner=2)
+        finally:
+            DecodeProcess.decode = real_decode
+        return prepared, caught.value
+
+    prepared, error = run(go())
+    assert prepared.pixels.shape == (3, 384, 384)
+    assert error.status_code == 503 and "stopped from outside; retry shortly" in error.message

@@ -36,3 +36,25 @@ def test_a_decode_process_that_cannot_start_is_a_503_not_the_uploads_fault(monke
 
     error = asyncio.run(go())
     assert error.status_code == 503 and error.headers == {"Retry-After": "5"}
+
+
+def test_a_waiter_that_hung_up_never_costs_the_pool_its_process():
+    """Before: give_back handed the process to a waiter whose request had just been cancelled
+    (its turn already cancelled, its clean-up not yet run): InvalidStateError, and the process was
+    lost for good, one per hung-up upload, until every upload of that size waited for its 504."""
+    from blip_serve.decode_workers import DecodePool
+
+    async def go():
+        pool = DecodePool(1, CONFIG)  # processes start on first decode: none start here
+        held = await pool.take(owner=1)
+        waiter = asyncio.ensure_future(pool.take(owner=2))
+        await asyncio.sleep(0)  # queued behind owner 1
+        waiter.cancel()  # its turn is cancelled now; its clean-up runs on the next loop pass
+        pool.give_back(held, owner=1)
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        after = await asyncio.wait_for(pool.take(owner=3), 1)
+        return held, after, pool
+
+    held, after, pool = asyncio.run(go())
+    assert after is held and pool.waiting == [] and pool.idle == []
