@@ -228,6 +228,8 @@ class GuardedRequest:
             raise BodyRefused() from None
         if message["type"] == "http.request":
             self.take(message.get("body", b""), done=not message.get("more_body", False))
+        elif message["type"] == "http.disconnect":  # hung up before the whole body came: nobody to answer
+            raise HungUpMidBody()
         return message
 
     def take(self, chunk: bytes, done: bool) -> None:
@@ -297,6 +299,11 @@ async def until_disconnected(request: Request, call: Awaitable[T]) -> T:
 
 class BodyRefused(Exception):
     pass
+
+
+class HungUpMidBody(BodyRefused):
+    """The client went away while sending its body: the request ends with no answer, logged as
+    disconnected, not as the server's error (Starlette's ClientDisconnect would be a 500)."""
 
 
 def multipart_closing(scope: Scope) -> bytes | None:
