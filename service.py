@@ -43,6 +43,7 @@ from blip_serve.http import (
     RequestLog,
     install_error_handlers,
     log_fields,
+    reading_more,
     until_disconnected,
 )
 from blip_serve.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec, return_freed_memory_to_os
@@ -300,13 +301,19 @@ class CaptionAPI:
         captioned by the same path as /caption (blip_serve/openai_api.py)."""
         check_api_key(request)
         call = read_chat_request(await self.uploads.read_json_body(request), self.model_id, bool(FETCH_HOSTS))
-        data = call.image
-        if data is None:
-            data = await fetch_image(
-                call.url, FETCH_HOSTS, settings.max_upload_bytes, settings.fetch_timeout_s, settings.fetch_allow_private
-            )
         options = self.uploads.chat_options(call.prompt, call.max_new_tokens)
-        result = await self.caption_one(request, data, options)
+        # A fetched image is read into this worker like an upload: it counts in the reading budget.
+        with reading_more(request, 0 if call.image is not None else settings.max_upload_bytes):
+            data = call.image
+            if data is None:
+                data = await fetch_image(
+                    call.url,
+                    FETCH_HOSTS,
+                    settings.max_upload_bytes,
+                    settings.fetch_timeout_s,
+                    settings.fetch_allow_private,
+                )
+            result = await self.caption_one(request, data, options)
         prompt_tokens = self.text_limits.start_length(options.prompt)
         if call.stream:
             events = completion_chunks(self.model_id, result, prompt_tokens, call.include_usage)

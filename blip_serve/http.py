@@ -4,6 +4,7 @@ size, body time, total time), and one access-log line per request with its X-Req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -107,6 +108,16 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+BUSY_READING = "the server is busy reading other uploads; retry shortly"
+READING_GUARD = "reading_guard"  # the request state key of the RequestGuard that admitted it
+
+
+def reading_more(request: Request, nbytes: int):
+    """RequestGuard.reading_more for this request (a no-op where no guard admitted it)."""
+    guard = request.scope.get("state", {}).get(READING_GUARD)
+    return guard.reading_more(nbytes) if guard is not None else contextlib.nullcontext()
+
+
 CUT_OFF = "the multipart body ended before its closing boundary: the upload was cut off; send the whole request"
 
 
@@ -143,18 +154,34 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         max_bytes = self.path_max_bytes.get(scope.get("path", ""), self.max_bytes)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         declared_bytes = int(declared) if declared is not None and declared.isdigit() else None
+        if declared_bytes is None and b"transfer-encoding" not in headers:
+            declared_bytes = 0  # HTTP/1.1: a request with neither header has no body (a GET)
         reserved = declared_bytes if declared_bytes is not None else max_bytes  # of the reading budget
         refusal = self.admit(scope, max_bytes, declared_bytes, reserved)
         if refusal is not None:
             return await refusal(scope, receive, send)
         self.reading_bytes += reserved
+        scope.setdefault("state", {})[READING_GUARD] = self
         try:
             request = GuardedRequest(scope, receive, send, max_bytes, self.body_timeout_s)
             await self.answer_in_time(scope, receive, send, request)
         finally:
             self.reading_bytes -= reserved
+
+    @contextlib.contextmanager
+    def reading_more(self, nbytes: int):
+        """`nbytes` more of the reading budget for the request in hand (an image it fetches), until
+        the block ends; a 503 at once when that would go past the budget."""
+        if self.reading_bytes + nbytes > self.max_reading_bytes:
+            raise ServiceError(BUSY_READING, headers={"Retry-After": "1"}, status_code=503)
+        self.reading_bytes += nbytes
+        try:
+            yield
+        finally:
+            self.reading_bytes -= nbytes
 
     def admit(self, scope: Scope, max_bytes: int, declared_bytes: int | None, reserved: int) -> JSONResponse | None:
         """A 413 for a declared length over the limit, a 503 when this worker is reading its
@@ -162,8 +189,7 @@ class RequestGuard:
         if declared_bytes is not None and declared_bytes > max_bytes:
             return error_response(413, too_large(max_bytes), scope=scope)
         if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
-            busy = "the server is busy reading other uploads; retry shortly"
-            return error_response(503, busy, {"Retry-After": "1"}, scope)
+            return error_response(503, BUSY_READING, {"Retry-After": "1"}, scope)
         return None
 
     async def answer_in_time(self, scope: Scope, receive: Receive, send: Send, request: GuardedRequest) -> None:

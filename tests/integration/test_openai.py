@@ -190,6 +190,7 @@ def fetching_server(tiny_model_dir, tmp_path_factory):
         "BLIP_FETCH_URL_HOSTS": "localhost",
         "BLIP_FETCH_ALLOW_PRIVATE": "true",
         "BLIP_FETCH_TIMEOUT_S": "3",
+        "BLIP_MAX_READING_BYTES": str(12 * 1024 * 1024),  # room for one fetched 10 MB image at a time
     }
     with bento_server(env, tmp_path_factory.mktemp("fetching") / "bentoml.log") as running:
         yield running
@@ -230,6 +231,33 @@ def test_a_malformed_image_url_is_a_400_naming_it(fetching_server, image_host, u
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["message"].startswith("the image URL is malformed: 'http://") and error["param"] == "messages"
+
+
+def test_a_fetched_image_counts_in_the_reading_budget(fetching_server, image_host):
+    """Before: fetched bytes were outside the budget (100 fetches of 9.9 MB took an API worker from
+    124 to 1,539 MB). Now a fetch reserves BLIP_MAX_UPLOAD_BYTES of it: with a 12 MB budget, a
+    second fetch while one is under way is a 503 to retry, and then goes through."""
+    import concurrent.futures
+
+    model = model_id(fetching_server)
+
+    def chat(path: str) -> httpx.Response:
+        body = {"model": model, "messages": image_message(image_host.url(path))}
+        return httpx.post(f"{fetching_server.url}/v1/chat/completions", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(chat, "/slow.jpg")  # holds its reservation for BLIP_FETCH_TIMEOUT_S (3 s)
+        time.sleep(1)
+        busy = chat("/cat.jpg")
+        assert slow.result().status_code == 400  # its own timeout
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+    assert "busy reading other uploads" in busy.json()["error"]["message"]
+    assert chat("/cat.jpg").status_code == 200  # the reservation went back
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a request with no body reserves nothing
+        slow = pool.submit(chat, "/slow.jpg")
+        time.sleep(1)
+        assert httpx.get(f"{fetching_server.url}/v1/models").status_code == 200
+        slow.result()
 
 
 def test_a_host_off_the_list_is_never_asked(fetching_server, image_host):
