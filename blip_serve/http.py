@@ -125,8 +125,10 @@ class RequestGuard:
     """What one request may hold: a body of at most `max_bytes` (or `path_max_bytes[path]`; 413,
     whether or not it declared its length, before the whole body is buffered), all of it within
     `body_timeout_s` (408), and an answer within `request_timeout_s` (504). The bodies one API worker
-    reads and decodes at once add up to `max_reading_bytes` at most: past it a request gets 503 at
-    once (a busy server is not the client's fault). A client that hangs up cancels its request, and
+    reads and decodes at once add up to `max_reading_bytes` at most, counted by the bytes received
+    (a slow client that declared a large body holds only what it sent): a request whose declared
+    length would go past it gets 503 at once, and one whose bytes go past it as they arrive gets
+    503 then (a busy server is not the client's fault). A client that hangs up cancels its request, and
     so its call to the model. Each error is JSON and goes through the request log.
 
     In three steps, one owner each: `admit` (what the headers declare, and the worker's reading
@@ -148,7 +150,7 @@ class RequestGuard:
         self.body_timeout_s = body_timeout_s
         self.request_timeout_s = request_timeout_s
         self.max_reading_bytes = max_reading_bytes
-        self.reading_bytes = 0  # reserved by the requests in this process now
+        self.reading_bytes = 0  # bytes of body received by the requests in this process now, and fetched images
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,17 +161,15 @@ class RequestGuard:
         declared_bytes = int(declared) if declared is not None and declared.isdigit() else None
         if declared_bytes is None and b"transfer-encoding" not in headers:
             declared_bytes = 0  # HTTP/1.1: a request with neither header has no body (a GET)
-        reserved = declared_bytes if declared_bytes is not None else max_bytes  # of the reading budget
-        refusal = self.admit(scope, max_bytes, declared_bytes, reserved)
+        refusal = self.admit(scope, max_bytes, declared_bytes)
         if refusal is not None:
             return await refusal(scope, receive, send)
-        self.reading_bytes += reserved
         scope.setdefault("state", {})[READING_GUARD] = self
+        request = GuardedRequest(scope, receive, send, max_bytes, self.body_timeout_s, self)
         try:
-            request = GuardedRequest(scope, receive, send, max_bytes, self.body_timeout_s)
             await self.answer_in_time(scope, receive, send, request)
         finally:
-            self.reading_bytes -= reserved
+            self.reading_bytes -= request.received  # the body's bytes stay counted until the answer
 
     @contextlib.contextmanager
     def reading_more(self, nbytes: int):
@@ -183,12 +183,12 @@ class RequestGuard:
         finally:
             self.reading_bytes -= nbytes
 
-    def admit(self, scope: Scope, max_bytes: int, declared_bytes: int | None, reserved: int) -> JSONResponse | None:
-        """A 413 for a declared length over the limit, a 503 when this worker is reading its
-        budget's worth of bodies already; None: read the body."""
+    def admit(self, scope: Scope, max_bytes: int, declared_bytes: int | None) -> JSONResponse | None:
+        """A 413 for a declared length over the limit, a 503 when the bytes this worker holds and
+        this body would go past its budget; None: read the body."""
         if declared_bytes is not None and declared_bytes > max_bytes:
             return error_response(413, too_large(max_bytes), scope=scope)
-        if self.reading_bytes and self.reading_bytes + reserved > self.max_reading_bytes:
+        if self.reading_bytes and self.reading_bytes + (declared_bytes or 0) > self.max_reading_bytes:
             return error_response(503, BUSY_READING, {"Retry-After": "1"}, scope)
         return None
 
@@ -225,7 +225,16 @@ class GuardedRequest:
     once the body is in watches for the client's hang-up; `send` drops what the app answers after
     a refusal, which replaces it."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, body_timeout_s: float):
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        max_bytes: int,
+        body_timeout_s: float,
+        guard: RequestGuard | None = None,
+    ):
+        self.guard = guard  # counts the bytes received in its worker's reading budget
         self.scope = scope
         self.upstream_receive = receive
         self.upstream_send = send
@@ -260,6 +269,11 @@ class GuardedRequest:
 
     def take(self, chunk: bytes, done: bool) -> None:
         self.received += len(chunk)
+        if self.guard is not None:
+            self.guard.reading_bytes += len(chunk)
+            if self.guard.reading_bytes > self.guard.max_reading_bytes and self.guard.reading_bytes > self.received:
+                self.refusal = error_response(503, BUSY_READING, {"Retry-After": "1"}, self.scope)
+                raise BodyRefused()
         if self.closing is not None:  # did the body end with its closing boundary?
             self.tail = (self.tail + chunk)[-(len(self.closing) + 8) :]
             if done:

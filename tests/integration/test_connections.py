@@ -411,3 +411,21 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(server):
     assert log.count("Traceback") == log_before
     assert log.count("status=none(disconnected)") >= 9
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_slow_clients_declaring_large_bodies_leave_the_reading_budget_to_others(server):
+    """Before: four sockets declaring 64 MB /captions bodies (the 256 MB budget) and trickling
+    them made every small upload a 503 for as long as they trickled."""
+    sockets = []
+    try:
+        for _ in range(4):
+            connection = socket.create_connection(("127.0.0.1", server.port))
+            connection.sendall(multipart_head(64 * 1024 * 1024, "/captions") + b"\xff" * 100)
+            sockets.append(connection)
+        time.sleep(0.5)
+        image = encode(scene(11), "JPEG")
+        answers = [httpx.post(f"{server.url}/caption", files={"file": ("a.jpg", image)}, timeout=60) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200], answers[0].text
+    finally:
+        for connection in sockets:
+            connection.close()

@@ -111,7 +111,8 @@ def test_sidecar_plan_refuses_clashes_and_files_it_did_not_write(tmp_path):
 
 def test_a_path_that_is_not_there_is_refused_before_any_request(tmp_path):
     """Before: exit 0 with "nothing to do"."""
-    make_folder(tmp_path / "photos", count=1, bad=0)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"not read")
     result = run_cli(f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), str(tmp_path / "nosuchdir"))
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"blip-caption: error: no such file or folder: {tmp_path / 'nosuchdir'}")

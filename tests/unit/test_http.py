@@ -179,6 +179,60 @@ def test_a_client_that_hangs_up_cancels_its_request():
     assert (status, cancelled) == (None, [True])
 
 
+def two_requests(guard: RequestGuard, first: tuple[int, list[bytes]], second: tuple[int | None, list[bytes]]):
+    """The first request (declared length, chunks) sends its chunks and then stalls, a slow client;
+    meanwhile the second sends all of its body (a length of None: sent chunked). Returns the
+    second's status and the budget held before it began."""
+    held = []
+
+    def scope(length: int | None) -> dict:
+        header = (b"content-length", str(length).encode()) if length is not None else (b"transfer-encoding", b"chunked")
+        return {"type": "http", "method": "POST", "path": "/echo", "raw_path": b"/echo", "query_string": b"",
+                "headers": [header], "http_version": "1.1", "scheme": "http", "server": ("t", 80),
+                "client": ("c", 1), "root_path": ""}  # fmt: skip
+
+    async def run():
+        stalled, pending, sent = list(first[1]), list(second[1]), []
+
+        async def slow_receive():
+            if stalled:
+                return {"type": "http.request", "body": stalled.pop(0), "more_body": True}
+            await asyncio.sleep(3600)
+
+        async def receive():
+            body = pending.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+        async def send(message):
+            sent.append(message)
+
+        slow = asyncio.ensure_future(guard(scope(first[0]), slow_receive, lambda message: asyncio.sleep(0)))
+        await asyncio.sleep(0.05)
+        held.append(guard.reading_bytes)
+        await guard(scope(second[0]), receive, send)
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    return asyncio.run(run()), held[0]
+
+
+def test_a_slow_client_holds_only_the_bytes_it_sent_of_the_reading_budget():
+    """Before: a body's declared length was held for as long as it trickled in; four sockets
+    declaring 64 MB and sending a byte every 4 s got every small upload a 503."""
+    guard = guarded(max_bytes=1000, max_reading_bytes=1500)
+    assert two_requests(guard, (1000, [b"a" * 10]), (800, [b"b" * 800])) == (200, 10)
+    assert guard.reading_bytes == 0  # both gave back what they held
+
+
+def test_bytes_past_the_reading_budget_are_503_as_they_arrive():
+    guard = guarded(max_bytes=1000, max_reading_bytes=1500)
+    assert two_requests(guard, (1000, [b"a" * 900]), (800, [b"b" * 800])) == (503, 900)  # declared: at once
+    assert two_requests(guard, (1000, [b"a" * 900]), (None, [b"b" * 400, b"b" * 300])) == (503, 900)  # chunked
+    assert two_requests(guard, (1000, [b"a" * 900]), (None, [b"b" * 400, b"b" * 100])) == (200, 900)
+    assert guard.reading_bytes == 0
+
+
 def test_a_request_past_the_reading_budget_is_503_at_once_and_the_budget_comes_back():
     guard = guarded(max_reading_bytes=1500)
     guard.reading_bytes = 1000  # another request holds 1000 bytes
