@@ -60,6 +60,7 @@ FETCH_HOSTS = settings.fetch_hosts()  # image URLs /v1/chat/completions may fetc
 STARTED = int(time.time())
 if home_lock.is_serve_supervisor():  # a second server under this BENTOML_HOME would wipe our /metrics
     home_lock.take()
+    home_lock.check_port(*home_lock.serve_address())
     if settings.device == "cuda":  # checked once, before any worker starts (a worker would restart forever)
         require_cuda()
 

@@ -1,15 +1,18 @@
-"""One `bentoml serve` per BENTOML_HOME: a second one would wipe the first one's /metrics.
+"""What a second `bentoml serve` beside a first would break, refused at start with one line each.
 
-BentoML keeps Prometheus' multiprocess files in `$BENTOML_HOME/prometheus_multiproc_dir` and empties
-that folder whenever a server starts, so two servers under one home silently lose each other's
-series. The supervisor of `bentoml serve` takes this lock when it loads service.py; a second
-server under the same home stops with one line that says what to do.
+One server per BENTOML_HOME: BentoML keeps Prometheus' multiprocess files in
+`$BENTOML_HOME/prometheus_multiproc_dir` and empties that folder whenever a server starts, so two
+servers under one home silently lose each other's series. The supervisor of `bentoml serve` takes
+this lock when it loads service.py. And one server per port: BentoML would print a 57-line
+traceback for a port in use; `check_port` says it in one line first.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -33,7 +36,8 @@ def take(home: str | os.PathLike | None = None) -> None:
     if holder and holder != os.getpid() and is_bentoml(holder):
         raise HomeInUse(
             f"another blip-serve server (pid {holder}) uses BENTOML_HOME={home}: both would share and wipe "
-            "each other's /metrics. Give this one its own: BENTOML_HOME=/some/other/dir bentoml serve"
+            "each other's /metrics. Give this one its own home and port: "
+            "BENTOML_HOME=/some/other/dir bentoml serve --port 3001"
         )
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -68,3 +72,43 @@ def is_serve_supervisor() -> bool:
 
     command = [Path(sys.argv[0]).name, *sys.argv[1:2]] if sys.argv else []
     return command == ["bentoml", "serve"] and bentoml.server_context.worker_index is None
+
+
+class PortInUse(SystemExit):
+    """The address `bentoml serve` is to listen on is taken, or not this process's to take."""
+
+
+def serve_address(argv: list[str] | None = None, environ=None) -> tuple[str, int]:
+    """Where `bentoml serve` will listen: its --host and --port (-p) options, else BENTOML_HOST and
+    BENTOML_PORT (click reads the same variables), else BentoML's defaults."""
+    argv = sys.argv[2:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    found = {"host": environ.get("BENTOML_HOST", "0.0.0.0"), "port": environ.get("BENTOML_PORT", "3000")}
+    for i, arg in enumerate(argv):
+        for name, flags in (("host", ("--host",)), ("port", ("--port", "-p"))):
+            for flag in flags:
+                if arg == flag and i + 1 < len(argv):
+                    found[name] = argv[i + 1]
+                elif arg.startswith(flag + "=") or (flag == "-p" and arg.startswith("-p") and arg[2:].isdigit()):
+                    found[name] = arg.split("=", 1)[1] if "=" in arg else arg[2:]
+    return found["host"], int(found["port"]) if str(found["port"]).isdigit() else 3000
+
+
+def check_port(host: str, port: int) -> None:
+    """Stop with one line when `host:port` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"port {port} on {host} is in use (another server?): serve on another with "
+                    f"`bentoml serve --port {port + 1}`, or find what holds it: ss -ltnp 'sport = :{port}'"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise PortInUse(
+                    f"port {port} needs privileges this user lacks: use a port above 1023 (--port)"
+                ) from None
+            # anything else (an unknown host, say): BentoML reports it as it binds

@@ -43,11 +43,22 @@ class HubModel(HuggingFaceModel):
     """bentoml.models.HuggingFaceModel that says what to do when the download fails, instead of a
     40-line huggingface_hub traceback (BentoML resolves it when `bentoml serve` starts)."""
 
+    def to_info(self, alias=None):
+        """What `bentoml build` records of a hub model: its current revision, asked of the hub."""
+        try:
+            return super().to_info(alias)
+        except Exception as exc:
+            raise HubUnreachable(
+                f"bentoml build could not ask the Hugging Face hub for {self.model_id} ({first_line(exc)}). "
+                "To build a bento with a local BLIP in it, import it first: "
+                "`python -m blip_serve.import_model DIR`, then `bentoml build`."
+            ) from None
+
     def resolve(self, base_path=None) -> str:
         try:
             return super().resolve(base_path)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             local = (
                 ""
                 if self.model_id == DEFAULT_MODEL
@@ -59,6 +70,10 @@ class HubModel(HuggingFaceModel):
                 "`python -m blip_serve.import_model DIR`; to try the server without weights, "
                 "`python -m blip_serve.tiny_model models/tiny` and BLIP_MODEL=models/tiny."
             ) from None
+
+
+def first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def model_source(setting: str):

@@ -51,6 +51,20 @@ def test_model_source_prefers_the_stored_model(bentoml_home, tiny_model_dir, tmp
     assert source_kind(empty_home, "") == "HubModel"  # the hub default
 
 
+def test_bentoml_build_without_a_model_and_no_hub_says_to_import_one(tmp_path):
+    """Before: a 114-line traceback from huggingface_hub."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "HF_ENDPOINT": closed, "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("BLIP_MODEL", None)
+    build = subprocess.run([BENTOML, "build"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (build.stdout + build.stderr).strip().splitlines() if "torchvision" not in line]
+    assert build.returncode != 0 and len(lines) == 1, lines
+    assert lines[0].startswith(
+        "bentoml build could not ask the Hugging Face hub for Salesforce/blip-image-captioning-base"
+    )
+    assert lines[0].endswith("import it first: `python -m blip_serve.import_model DIR`, then `bentoml build`.")
+
+
 def test_the_gpu_bentofile_differs_only_in_its_lock():
     cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     gpu = yaml.safe_load((REPO / "bentofile.gpu.yaml").read_text())

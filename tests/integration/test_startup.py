@@ -102,6 +102,27 @@ def test_a_mistyped_setting_stops_the_start(tiny_model_dir, tmp_path):
     assert one_line(output) == "invalid settings: BLIP_MAX_BATCH: no such setting (did you mean BLIP_MAX_BATCH_SIZE?)"
 
 
+def test_a_port_in_use_is_one_line_naming_the_fix(tiny_model_dir, tmp_path):
+    """Before: 57 lines of BentoML's traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        environ = {**os.environ, "BENTOML_HOME": str(tmp_path), "BLIP_MODEL": tiny_model_dir}
+        started = time.monotonic()
+        result = subprocess.run(
+            [BENTOML, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=environ, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode != 0 and time.monotonic() - started < 30
+    assert one_line(result.stdout + result.stderr) == (
+        f"port {port} on 127.0.0.1 is in use (another server?): serve on another with "
+        f"`bentoml serve --port {port + 1}`, or find what holds it: ss -ltnp 'sport = :{port}'"
+    )
+
+
 def test_a_name_that_could_be_either_says_both(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     code, output, _ = serve({"HF_ENDPOINT": closed, "BLIP_MODEL": "modles/tiny"}, tmp_path)

@@ -134,6 +134,23 @@ def test_the_version_is_written_once():
         assert tomllib.load(project)["project"]["version"] == __version__
 
 
+@pytest.mark.parametrize(
+    "argv, environ, address",
+    [
+        ([], {}, ("0.0.0.0", 3000)),
+        (["--port", "3001"], {}, ("0.0.0.0", 3001)),
+        (["blip-serve:latest", "-p", "8080", "--host=127.0.0.1"], {}, ("127.0.0.1", 8080)),
+        (["--port=9000"], {"BENTOML_PORT": "7000"}, ("0.0.0.0", 9000)),
+        (["-p7001"], {}, ("0.0.0.0", 7001)),
+        ([], {"BENTOML_PORT": "7000", "BENTOML_HOST": "::1"}, ("::1", 7000)),
+    ],
+)
+def test_the_address_bentoml_serve_will_listen_on(argv, environ, address):
+    from blip_serve.home_lock import serve_address
+
+    assert serve_address(argv, environ) == address
+
+
 def test_the_home_lock_refuses_a_live_holder_and_takes_a_stale_one(tmp_path):
     import subprocess
 
