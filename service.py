@@ -33,7 +33,7 @@ from blip_serve.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
 from blip_serve.decode_workers import DecodeConfig, Decoders
 from blip_serve.docs import DESCRIPTION, openapi_document
 from blip_serve.docs import PAGE as DOCS_PAGE
-from blip_serve.drain import CaptionsInFlight, Drain, InFlight, service_workers
+from blip_serve.drain import CaptionsInFlight, Drain, InFlight, forget_dead_workers_gauges, running, service_workers
 from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.fetch import fetch_image
 from blip_serve.http import (
@@ -123,6 +123,7 @@ class BlipModelService:
     @bentoml.on_startup
     def drain_on_sigterm(self) -> None:
         self.drain.install()
+        forget_dead_workers_gauges()  # a worker that died left its queued and in-batch counts
 
     @bentoml.api
     async def model_info(self) -> dict:
@@ -219,6 +220,8 @@ class CaptionAPI:
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
         self.uploads = UploadReader(settings, self.text_limits.max_new_tokens_limit)
         self.model_loaded = False
+        self.model_workers: frozenset[int] = frozenset()  # the model workers' pids when it last answered
+        forget_dead_workers_gauges()  # a worker that died left its in-progress and queued counts
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
@@ -250,6 +253,7 @@ class CaptionAPI:
     @bentoml.on_startup
     def drain_on_sigterm(self) -> None:
         self.drain.install()
+        forget_dead_workers_gauges()  # a worker that died left its queued and in-batch counts
 
     @bentoml.on_startup
     async def start_decoders(self) -> None:
@@ -261,8 +265,14 @@ class CaptionAPI:
         (up to the traffic timeout) and then answers 500: a startup probe would hang ~2 minutes."""
         if self.drain.draining:
             return False
+        # A model worker that died (or was replaced) since the model last answered: ask again. BentoML's
+        # check would wait on the dead worker's socket (no answer for the whole reload); this is a 503.
+        model_workers = frozenset(p.pid for p in service_workers(BlipModelService.name) if running(p))
+        if model_workers != self.model_workers:
+            self.model_loaded = False
         if not self.model_loaded:
             self.model_loaded = await model_service_ready(timeout_s=0.5)
+            self.model_workers = model_workers
         return self.model_loaded
 
     @app.get("/", include_in_schema=False)

@@ -24,6 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
@@ -141,3 +142,19 @@ def running(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def forget_dead_workers_gauges() -> None:
+    """Drop the live gauges (multiprocess mode livesum: requests in progress, images queued and in
+    a batch) that dead processes left in BentoML's Prometheus folder. prometheus_client forgets a
+    process only when told, so a killed worker's counts were read on forever (and KEDA scaled on
+    them). Called by each worker as it starts: a worker that dies is replaced at once."""
+    from prometheus_client import multiprocess
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            multiprocess.mark_process_dead(int(pid), folder)

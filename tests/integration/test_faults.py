@@ -123,3 +123,74 @@ def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
     growth = {pid: after[pid] / before[pid] - 1 for pid in before}
     print("soak RSS growth per process: " + ", ".join(f"{before[p] >> 20}->{after[p] >> 20} MB" for p in before))
     assert max(growth.values()) < 0.10, growth
+
+
+def gauges_in_use(server) -> list[str]:
+    """The live gauges (requests in progress, images queued and in a batch) that read above 0."""
+    lines = httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines()
+    names = ("blip_images_queued", "blip_images_in_batch", "bentoml_service_request_in_progress")
+    return [line for line in lines if line.startswith(names) and '"/readyz"' not in line and float(line.split()[-1])]
+
+
+def test_readyz_is_503_at_once_while_a_killed_model_worker_reloads_and_no_count_is_left_behind(slow_server):
+    """Before: /readyz gave no answer for as long as the new worker loaded (BentoML's own check
+    waited on the dead worker's socket), then 200; and the dead worker's queued and in-progress
+    counts read on forever on /metrics (a KEDA query scaled on them)."""
+    kill_model_worker_under_load(slow_server, slow_server.url)  # leaves it loading again
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        asked = time.monotonic()
+        seen.append((httpx.get(f"{slow_server.url}/readyz", timeout=5).status_code, time.monotonic() - asked))
+        if seen[-1][0] == 200:
+            break
+        time.sleep(0.2)
+    assert seen[-1][0] == 200 and {status for status, _ in seen} <= {200, 503}, seen
+    assert max(took for _, took in seen) < 1.5, seen
+
+    old_pid = model_worker(slow_server).pid
+    os.kill(old_pid, signal.SIGKILL)
+    time.sleep(0.3)
+    asked = time.monotonic()
+    assert httpx.get(f"{slow_server.url}/readyz", timeout=5).status_code == 503 and time.monotonic() - asked < 1.5
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{slow_server.url}/readyz", timeout=5).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert gauges_in_use(slow_server) == []
+
+
+def test_a_killed_api_worker_leaves_no_requests_in_progress_behind(slow_server):
+    """Before: an API worker killed with 35 requests in flight left the in-progress gauge KEDA
+    scales on at 35 for good."""
+    [api] = [
+        p
+        for p in psutil.Process(slow_server.process.pid).children(recursive=True)
+        if "--service-name" in p.cmdline() and "CaptionAPI" in p.cmdline()
+    ]
+
+    import concurrent.futures
+
+    def caption() -> int | str:
+        try:
+            return httpx.post(f"{slow_server.url}/caption", files={"file": ("p.png", IMAGE)}, timeout=60).status_code
+        except httpx.HTTPError as exc:  # the worker holding it was killed
+            return type(exc).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        load = [pool.submit(caption) for _ in range(12)]
+        wait_for_queue(slow_server, 6)
+        api.kill()
+        results = [future.result() for future in load]
+    assert len(results) == 12
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{slow_server.url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    time.sleep(1)
+    assert gauges_in_use(slow_server) == []
+    assert [a.status for a in send_many(slow_server.url, 3)] == [200, 200, 200]
