@@ -311,7 +311,11 @@ class CaptionAPI:
         """OpenAI's chat completions: the last user message's image_url (and text, the prompt)
         captioned by the same path as /caption (blip_serve/openai_api.py)."""
         check_api_key(request)
-        call = read_chat_request(await self.uploads.read_json_body(request), self.model_id, bool(FETCH_HOSTS))
+        call = await self.uploads.read_json_body(
+            request,
+            lambda body: read_chat_request(body, self.model_id, bool(FETCH_HOSTS)),
+            "a chat completions request",
+        )
         options = self.uploads.chat_options(call.prompt, call.max_new_tokens)
         # A fetched image is read into this worker like an upload: it counts in the reading budget.
         with reading_more(request, 0 if call.image is not None else settings.max_upload_bytes):

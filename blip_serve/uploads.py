@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -24,6 +26,8 @@ from .errors import BadRequest, UnsupportedImage
 from .formats import ACCEPTED_TEXT
 from .http import CUT_OFF, multipart_complete
 from .settings import Settings
+
+T = TypeVar("T")
 
 SEND_FILE = "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)"
 MISSING_FILE = f"missing form field 'file': {SEND_FILE}"
@@ -66,6 +70,7 @@ class UploadReader:
     def __init__(self, settings: Settings, max_new_tokens_limit: int):
         self.settings = settings
         self.options = options_model(settings, max_new_tokens_limit)
+        self.parsing = asyncio.Lock()  # JSON bodies are parsed one at a time (in_turn)
 
     def caption_options(self, values: dict) -> CaptionOptions:
         present = {name: value for name, value in values.items() if value not in (None, "")}
@@ -123,13 +128,19 @@ class UploadReader:
         return [Upload(part.filename or "", await part.read()) for part in parts]
 
     async def read_json(self, request: Request) -> tuple[Upload, CaptionOptions]:
-        # Parsing 10 MB of JSON and base64 takes ~50 ms: in a thread, not on the event loop.
-        body, data = await asyncio.to_thread(image_from_json, await request.body())
+        body, data = await self.in_turn(image_from_json, await request.body())
         return Upload("image", data), self.caption_options(body)
 
-    async def read_json_body(self, request: Request, expected: str = "a chat completions request") -> object:
-        """A JSON body (/v1/chat/completions), parsed in a thread."""
-        return await asyncio.to_thread(parse_json, await request.body(), expected)
+    async def read_json_body(self, request: Request, then: Callable[[object], T], expected: str) -> T:
+        """A JSON body (/v1/chat/completions) parsed, and `then` of it, in turn."""
+        return await self.in_turn(lambda body: then(parse_json(body, expected)), await request.body())
+
+    async def in_turn(self, parse: Callable[[bytes], T], body: bytes) -> T:
+        """Parse a JSON body in a thread (10 MB of JSON and base64 take ~50-90 ms), one at a time:
+        while parsed it costs ~4x its size in copies (the text, the base64, the bytes), which the
+        reading budget counts once; in turn, that is one body's worth, not one per request."""
+        async with self.parsing:
+            return await asyncio.to_thread(parse, body)
 
     def chat_options(self, prompt: str | None, max_new_tokens: int | None) -> CaptionOptions:
         """The options of a chat completion, checked as /caption's are; a refusal names the
@@ -142,7 +153,16 @@ class UploadReader:
             raise BadRequest(message, param=param) from None
 
 
+# A JSON body holds at most this many values (a count of `,`, `[` and `{`, which bounds them). A
+# chat request has a few messages and parts; without it, 14 MB of `[],[],...` made 250 MB of Python
+# lists per request and held the API's event loop for seconds (a JSON value costs ~25x its text).
+MAX_JSON_VALUES = 100_000
+
+
 def parse_json(text: bytes, expected: str) -> object:
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise BadRequest(f"the JSON body holds too many values (over {MAX_JSON_VALUES:,}): send {expected}")
     try:
         return json.loads(text)
     except (ValueError, UnicodeDecodeError):
