@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 
 from .errors import BadRequest, UnsupportedImage
@@ -28,6 +29,11 @@ from .http import CUT_OFF, multipart_complete
 from .settings import Settings
 
 T = TypeVar("T")
+
+# Starlette spools an uploaded file past 1 MB to a temporary file. Uploads stay in memory instead:
+# the reading budget bounds them (BLIP_MAX_READING_BYTES), and a full or unwritable temporary
+# directory then never fails an upload (it was a 500).
+MultiPartParser.spool_max_size = 1 << 30
 
 SEND_FILE = "send the image as multipart/form-data field 'file' (e.g. curl -F file=@photo.jpg)"
 MISSING_FILE = f"missing form field 'file': {SEND_FILE}"

@@ -212,6 +212,31 @@ def test_invalid_json_and_oversize_bodies_are_openai_errors_too(api):
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_uploads_never_need_the_temporary_directory(api, monkeypatch):
+    """Before: with the temporary directory full, an upload over 1 MB (Starlette spooled it to a
+    file) was a 500."""
+    import errno
+    import io
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", disk_full)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", disk_full)
+    noise = np.random.default_rng(1).integers(0, 255, (1200, 1000, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(noise).save(png, "PNG")
+    assert png.tell() > 3 * 1024 * 1024
+    response = api.post("/caption", files={"file": ("noise.png", png.getvalue())}, timeout=60)
+    assert response.status_code == 200, response.text
+    batch = api.post("/captions", files=[("file", ("a.png", png.getvalue())), ("file", ("b.png", png.getvalue()))])
+    assert batch.status_code == 200 and len(batch.json()["captions"]) == 2, batch.text
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/caption"])
 def test_a_json_body_of_a_million_values_is_refused_before_it_is_parsed(api, path):
     """Before: 14 MB of `[],[],...` became ~250 MB of Python lists per request, and 17 such bodies
