@@ -200,6 +200,9 @@ class RequestGuard:
         request.on_hang_up = work.cancel
         try:
             await asyncio.wait_for(work, self.request_timeout_s)
+        except HungUpMidBody:
+            await client_gone(scope, receive, send)
+            return
         except BodyRefused:
             pass
         except TimeoutError:
@@ -210,12 +213,27 @@ class RequestGuard:
         except asyncio.CancelledError:
             if not request.hung_up():
                 raise  # cancelled from outside, not by the client's hang-up
-            return  # the client is gone: nothing to answer
+            if not request.started:
+                await client_gone(scope, receive, send)
+            return
         finally:
             work.cancel()
             request.close()
         if request.refusal is not None and not request.started:
             await request.refusal(scope, receive, send)
+
+
+async def client_gone(scope: Scope, receive: Receive, send: Send) -> None:
+    """Close a request whose client hung up with nginx's 499 (client closed request): nobody reads
+    it, but every layer above sees the request end. BentoML's traffic timeout otherwise waits for an
+    answer that never comes: the request stayed in progress on /metrics (what KEDA scales on) for
+    the whole timeout."""
+    await error_response(CLIENT_CLOSED, "the client closed the connection before the answer", scope=scope)(
+        scope, receive, send
+    )
+
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
 
 
 class GuardedRequest:
@@ -246,7 +264,7 @@ class GuardedRequest:
         self.tail = b""
         self.multipart_complete: bool | None = None  # known once a multipart body has ended
         self.refusal: JSONResponse | None = None  # set once the body broke a limit
-        self.started = self.answered = False
+        self.started = self.answered = self.gone = False
         self.hang_up: asyncio.Task | None = None  # reads `receive` once the body is in: a disconnect
         self.on_hang_up: Callable[[], object] = lambda: None
         scope.setdefault("state", {})[GUARDED] = self
@@ -264,6 +282,7 @@ class GuardedRequest:
         if message["type"] == "http.request":
             self.take(message.get("body", b""), done=not message.get("more_body", False))
         elif message["type"] == "http.disconnect":  # hung up before the whole body came: nobody to answer
+            self.gone = True
             raise HungUpMidBody()
         return message
 
@@ -286,7 +305,7 @@ class GuardedRequest:
             self.hang_up.add_done_callback(lambda _: None if self.answered else self.on_hang_up())
 
     async def send(self, message: Message) -> None:
-        if self.refusal is not None:  # the app's answer to a refused body (FastAPI makes it a 400)
+        if self.refusal is not None or self.gone:  # the app's answer to a refused body (FastAPI makes it a 400)
             return
         if message["type"] == "http.response.start":
             self.started = True
@@ -342,8 +361,8 @@ class BodyRefused(Exception):
 
 
 class HungUpMidBody(BodyRefused):
-    """The client went away while sending its body: the request ends with no answer, logged as
-    disconnected, not as the server's error (Starlette's ClientDisconnect would be a 500)."""
+    """The client went away while sending its body: the request ends as 499, not as the server's
+    error (Starlette's ClientDisconnect would be a 500)."""
 
 
 def multipart_closing(scope: Scope) -> bytes | None:

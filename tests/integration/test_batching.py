@@ -79,7 +79,13 @@ def test_a_client_that_hangs_up_never_reaches_the_model(slow_server):
     assert dropped(slow_server, "cancelled") - before_dropped == 1
     assert batch_histogram(slow_server)["count"] - before_batches == 10  # the quitter's image never ran
     log = slow_server.log_text()
-    assert "status=none(disconnected)" in log
+    assert "status=499" in log  # closed as nginx would log it; the request is over for every layer
+    in_progress = [
+        line
+        for line in httpx.get(f"{slow_server.url}/metrics").text.splitlines()
+        if line.startswith("bentoml_service_request_in_progress") and '"/caption"' in line
+    ]
+    assert in_progress and all(line.endswith(" 0.0") for line in in_progress), in_progress
 
 
 def test_overload_is_503_with_retry_after_at_once_never_408(slow_server):

@@ -383,8 +383,8 @@ def test_memory_goes_back_after_a_burst_of_captions_requests(strict_server):
 
 def test_a_client_that_hangs_up_mid_body_is_no_server_error(server):
     """Before: Starlette's ClientDisconnect reached BentoML as an exception: each such request was
-    a 500 on /metrics and a ~20 KB traceback in the log. Now it ends with no answer, logged as
-    disconnected."""
+    a 500 on /metrics and a ~20 KB traceback in the log. Now it ends as 499 (nginx's client closed
+    request), and is no longer in progress on /metrics."""
 
     def server_errors() -> float:
         lines = httpx.get(f"{server.url}/metrics").text.splitlines()
@@ -409,8 +409,15 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(server):
     assert server_errors() == errors_before
     log = server.log_path.read_text()
     assert log.count("Traceback") == log_before
-    assert log.count("status=none(disconnected)") >= 9
+    assert log.count("status=499") >= 9
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+    routes = ('endpoint="/caption"', 'endpoint="/captions"', 'endpoint="/v1/chat/completions"')
+    in_progress = [
+        line
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+        if line.startswith("bentoml_service_request_in_progress") and any(route in line for route in routes)
+    ]
+    assert len(in_progress) == 3 and all(line.endswith(" 0.0") for line in in_progress), in_progress
 
 
 def test_slow_clients_declaring_large_bodies_leave_the_reading_budget_to_others(server):

@@ -175,8 +175,28 @@ def test_a_client_that_hangs_up_cancels_its_request():
             raise
         return {}
 
-    status, _, _ = call(guarded(app=app), "/wait", [b"x"], hang_up_after_s=0.1)
-    assert (status, cancelled) == (None, [True])
+    status, _, body = call(guarded(app=app), "/wait", [b"x"], hang_up_after_s=0.1)
+    # Ended for every layer above (BentoML's traffic timeout waited for an answer otherwise).
+    assert (status, cancelled) == (499, [True])
+    assert body == {"error": "the client closed the connection before the answer"}
+
+
+def test_a_client_that_hangs_up_mid_body_ends_its_request_as_499():
+    """Not Starlette's ClientDisconnect, which reached the server as an exception (a 500)."""
+    guard, sent = guarded(), []
+    messages = [{"type": "http.request", "body": b"a" * 10, "more_body": True}, {"type": "http.disconnect"}]
+    scope = {"type": "http", "method": "POST", "path": "/echo", "raw_path": b"/echo", "query_string": b"",
+             "headers": [(b"content-length", b"500")], "http_version": "1.1", "scheme": "http",
+             "server": ("t", 80), "client": ("c", 1), "root_path": ""}  # fmt: skip
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 499 and guard.reading_bytes == 0
 
 
 def two_requests(guard: RequestGuard, first: tuple[int, list[bytes]], second: tuple[int | None, list[bytes]]):
