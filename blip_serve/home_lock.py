@@ -84,14 +84,16 @@ def serve_address(argv: list[str] | None = None, environ=None) -> tuple[str, int
     argv = sys.argv[2:] if argv is None else argv
     environ = os.environ if environ is None else environ
     found = {"host": environ.get("BENTOML_HOST", "0.0.0.0"), "port": environ.get("BENTOML_PORT", "3000")}
-    for i, arg in enumerate(argv):
-        for name, flags in (("host", ("--host",)), ("port", ("--port", "-p"))):
-            for flag in flags:
-                if arg == flag and i + 1 < len(argv):
-                    found[name] = argv[i + 1]
-                elif arg.startswith(flag + "=") or (flag == "-p" and arg.startswith("-p") and arg[2:].isdigit()):
-                    found[name] = arg.split("=", 1)[1] if "=" in arg else arg[2:]
-    return found["host"], int(found["port"]) if str(found["port"]).isdigit() else 3000
+    flags = {"--host": "host", "--port": "port", "-p": "port"}
+    for arg, following in zip(argv, [*argv[1:], None]):
+        flag, equals, value = arg.partition("=")
+        if equals and flag in flags:  # --port=3001
+            found[flags[flag]] = value
+        elif arg in flags and following is not None:  # --port 3001
+            found[flags[arg]] = following
+        elif arg.startswith("-p") and arg[2:].isdigit():  # -p3001
+            found["port"] = arg[2:]
+    return found["host"], int(found["port"]) if found["port"].isdigit() else 3000
 
 
 def check_port(host: str, port: int) -> None:

@@ -171,6 +171,12 @@ class RequestGuard:
         finally:
             self.reading_bytes -= request.received  # the body's bytes stay counted until the answer
 
+    def count_received(self, nbytes: int, request_holds: int) -> bool:
+        """Count `nbytes` of a body that just arrived; False when they take this worker past its
+        budget while other requests hold part of it (a request alone is bounded by its own limit)."""
+        self.reading_bytes += nbytes
+        return self.reading_bytes <= self.max_reading_bytes or self.reading_bytes <= request_holds
+
     @contextlib.contextmanager
     def reading_more(self, nbytes: int):
         """`nbytes` more of the reading budget for the request in hand (an image it fetches), until
@@ -288,11 +294,9 @@ class GuardedRequest:
 
     def take(self, chunk: bytes, done: bool) -> None:
         self.received += len(chunk)
-        if self.guard is not None:
-            self.guard.reading_bytes += len(chunk)
-            if self.guard.reading_bytes > self.guard.max_reading_bytes and self.guard.reading_bytes > self.received:
-                self.refusal = error_response(503, BUSY_READING, {"Retry-After": "1"}, self.scope)
-                raise BodyRefused()
+        if self.guard is not None and not self.guard.count_received(len(chunk), self.received):
+            self.refusal = error_response(503, BUSY_READING, {"Retry-After": "1"}, self.scope)
+            raise BodyRefused()
         if self.closing is not None:  # did the body end with its closing boundary?
             self.tail = (self.tail + chunk)[-(len(self.closing) + 8) :]
             if done:
