@@ -87,6 +87,10 @@ def test_one_log_line_per_request(server):
         server, files={"file": ("p.png", CORPUS["photo.png"])}, headers={"X-Request-ID": "log-me-42"}
     )
     assert response.headers["x-request-id"] == "log-me-42"
+    # The line is written as the request ends, just after the answer's last byte: wait for it.
+    deadline = time.monotonic() + 5
+    while "request_id=log-me-42" not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     lines = [line for line in server.log_text().splitlines() if "request_id=log-me-42" in line]
     assert len(lines) == 1
     assert "image=160x120" in lines[0] and "status=200" in lines[0] and "latency_ms=" in lines[0]
