@@ -1,19 +1,21 @@
 """blip-serve: image captions from Salesforce's BLIP, served by BentoML with adaptive batching.
 
-The request path, top to bottom:
+The request path, top to bottom, and the package each step lives in (the folder is the process):
 
     POST /caption (multipart field "file", JSON base64, or the raw image)  CaptionAPI.post_caption
-      -> uploads.read_one: the image bytes and options, or a 4xx  blip_serve/uploads.py
-      -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/text_limits.py
-      -> a decode process: checks, bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/decode_workers.py, images.py
-      -> BlipModelService.caption_batch: queued, batched with others  blip_serve/batcher.py, model.py
-      -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/http.py
+      -> uploads.read_one: the image bytes and options, or a 4xx  blip_serve/api/uploads.py
+      -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/api/text_limits.py
+      -> a decode process: checks, bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/decoding/
+      -> BlipModelService.caption_batch: queued, batched with others  blip_serve/model/batcher.py, captioner.py
+      -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/api/http.py
 
     POST /captions (up to 32 "file" parts) takes the same path, all images in one model call, and
     answers {"captions": [{"filename", "caption"} or {"filename", "error", "status"}, ...]}.
 
-CaptionAPI's processes never import torch; BlipModelService's one process owns BLIP. Settings are
-read once from BLIP_* environment variables (blip_serve/settings.py, README table).
+CaptionAPI's processes never import torch (api/ and decoding/ may not: pyproject.toml's import
+contracts); BlipModelService's one process owns BLIP (model/). BentoML's, uvicorn's and circus's
+internals are touched in host/ alone. Settings are read once from BLIP_* environment variables
+(blip_serve/shared/settings.py, README table); the routes are declared once (shared/routes.py).
 """
 
 from __future__ import annotations
@@ -28,32 +30,40 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from blip_serve import __version__, home_lock, server_patches
-from blip_serve.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
-from blip_serve.decode_workers import DecodeConfig, Decoders
-from blip_serve.docs import DESCRIPTION, openapi_document
-from blip_serve.docs import PAGE as DOCS_PAGE
-from blip_serve.drain import CaptionsInFlight, Drain, InFlight, forget_dead_workers_gauges, running, service_workers
-from blip_serve.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
-from blip_serve.fetch import fetch_image
-from blip_serve.http import (
-    CallerGone,
-    JsonErrors,
-    RequestGuard,
-    RequestLog,
-    install_error_handlers,
-    log_fields,
-    reading_more,
-    until_disconnected,
+from blip_serve import __version__
+from blip_serve.api.docs import DESCRIPTION, openapi_document
+from blip_serve.api.docs import PAGE as DOCS_PAGE
+from blip_serve.api.fetch import fetch_image
+from blip_serve.api.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields, reading_more
+from blip_serve.api.model_client import model_service_ready, send_jobs
+from blip_serve.api.openai_api import (
+    chat_completions_body,
+    completion,
+    completion_chunks,
+    model_list,
+    read_chat_request,
 )
-from blip_serve.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec, return_freed_memory_to_os
-from blip_serve.jobs import CaptionJob, CaptionResult
-from blip_serve.model_client import model_service_ready, send_jobs
-from blip_serve.model_files import describe_source, model_dir, model_source, served_model_id
-from blip_serve.openai_api import chat_completions_body, completion, completion_chunks, model_list, read_chat_request
-from blip_serve.settings import load_settings, require_cuda
-from blip_serve.text_limits import TextLimits
-from blip_serve.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
+from blip_serve.api.text_limits import TextLimits
+from blip_serve.api.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
+from blip_serve.decoding.child import DecodeConfig
+from blip_serve.decoding.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec, return_freed_memory_to_os
+from blip_serve.decoding.pool import Decoders
+from blip_serve.host import home_lock, patches
+from blip_serve.host.disconnect import CallerGone, until_disconnected
+from blip_serve.host.drain import (
+    CaptionsInFlight,
+    Drain,
+    InFlight,
+    forget_dead_workers_gauges,
+    running,
+    service_workers,
+)
+from blip_serve.model.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
+from blip_serve.shared import routes
+from blip_serve.shared.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
+from blip_serve.shared.jobs import CaptionJob, CaptionResult
+from blip_serve.shared.model_files import describe_source, model_dir, model_source, served_model_id
+from blip_serve.shared.settings import load_settings
 
 settings = load_settings()  # a bad BLIP_* value stops the server here, with one line
 FETCH_HOSTS = settings.fetch_hosts()  # image URLs /v1/chat/completions may fetch: none by default
@@ -62,6 +72,8 @@ if home_lock.is_serve_supervisor():  # a second server under this BENTOML_HOME w
     home_lock.take()
     home_lock.check_port(*home_lock.serve_address())
     if settings.device == "cuda":  # checked once, before any worker starts (a worker would restart forever)
+        from blip_serve.model.devices import require_cuda  # imports torch: the supervisor's, on request
+
         require_cuda()
 
 # BLIP's files: a local directory, a hub model (downloaded when the server starts), or the model
@@ -75,7 +87,7 @@ TRACING = {} if settings.tracing else {"excluded_urls": "/"}
 # One access-log line per request: the project's (RequestLog), not BentoML's as well.
 LOGGING = {"access": {"enabled": False}}
 
-server_patches.apply()  # BentoML's and uvicorn's internals that a public endpoint cannot keep as they are
+patches.apply()  # BentoML's and uvicorn's internals that a public endpoint cannot keep as they are
 
 
 @bentoml.service(
@@ -101,7 +113,7 @@ class BlipModelService:
         # Python, CPU the API's decodes needed (micro model, 32 clients, a 2-core Xeon: 8.8 instead of
         # 12.9 ms of model-process CPU an image, 1.15x the throughput). Read when torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from blip_serve.model import BlipCaptioner  # torch and BLIP load in this process only
+        from blip_serve.model.captioner import BlipCaptioner  # torch and BLIP load in this process only
 
         worker = bentoml.server_context.worker_index or 1
         self.captioner = BlipCaptioner(model_dir(self.model_files), settings, worker)
@@ -134,7 +146,7 @@ class BlipModelService:
         self, jobs: list[CaptionJob], timeout_s: float, ctx: bentoml.Context
     ) -> list[CaptionResult]:
         """One API request's images, batched with everyone else's by blip-serve's own policy
-        (blip_serve/batcher.py); dropped from the queue if the caller hangs up or `timeout_s` passes."""
+        (blip_serve/model/batcher.py); dropped from the queue if the caller hangs up or `timeout_s` passes."""
         try:
             return await until_disconnected(ctx.request, self.batcher.submit(jobs, timeout_s))
         except QueueFull as exc:
@@ -170,7 +182,7 @@ class ServerInfo(BaseModel):
     name: str = "blip-serve"
     version: str = __version__
     model: str  # the model directory, hub id or stored model served
-    random_weights: bool  # true for blip_serve.tiny_model's models: gibberish captions
+    random_weights: bool  # true for tools.tiny_model's models: gibberish captions
     device: str
     precision: str
     attention: str
@@ -214,7 +226,7 @@ class CaptionAPI:
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
-        server_patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
+        patches.time_out_silent_connections(settings.header_timeout_s)  # clients' connections only
         files = model_dir(self.model_files)
         self.model_id = settings.served_model_name or served_model_id(self.model_files)
         self.text_limits = TextLimits.for_model(files, settings.max_new_tokens_limit)
@@ -275,15 +287,15 @@ class CaptionAPI:
             self.model_workers = model_workers
         return self.model_loaded
 
-    @app.get("/", include_in_schema=False)
+    @app.get(routes.DOCS_PAGE.path, include_in_schema=False)
     async def docs_page(self) -> HTMLResponse:
         return HTMLResponse(DOCS_PAGE)
 
-    @app.get("/docs.json", include_in_schema=False)
+    @app.get(routes.DOCS_JSON.path, include_in_schema=False)
     async def docs_json(self) -> JSONResponse:
         return JSONResponse(openapi_document(app, self.text_limits.max_new_tokens_limit))
 
-    @app.get("/info", response_model=ServerInfo)
+    @app.get(routes.INFO.path, response_model=ServerInfo)
     async def info(self) -> ServerInfo:
         """Which model and how it runs: device, precision, batching, limits, version."""
         return ServerInfo(
@@ -299,17 +311,17 @@ class CaptionAPI:
             model_workers=settings.model_workers,
         )
 
-    @app.post("/caption", response_model=CaptionResponse, openapi_extra=caption_bodies(settings))
+    @app.post(routes.CAPTION.path, response_model=CaptionResponse, openapi_extra=caption_bodies(settings))
     async def post_caption(self, request: Request) -> CaptionResponse:
         check_api_key(request)
         upload, options = await self.uploads.read_one(request)
         result = await self.caption_one(request, upload.data, options)
         return CaptionResponse(caption=result.caption)
 
-    @app.post("/v1/chat/completions", openapi_extra=chat_completions_body())
+    @app.post(routes.CHAT_COMPLETIONS.path, openapi_extra=chat_completions_body())
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI's chat completions: the last user message's image_url (and text, the prompt)
-        captioned by the same path as /caption (blip_serve/openai_api.py)."""
+        captioned by the same path as /caption (blip_serve/api/openai_api.py)."""
         check_api_key(request)
         call = await self.uploads.read_json_body(
             request,
@@ -335,7 +347,7 @@ class CaptionAPI:
             return StreamingResponse(iter(events), media_type="text/event-stream")
         return JSONResponse(completion(self.model_id, result, prompt_tokens))
 
-    @app.get("/v1/models")
+    @app.get(routes.MODELS.path)
     async def models(self, request: Request) -> JSONResponse:
         """OpenAI's model list: the one model this server serves."""
         check_api_key(request)
@@ -359,7 +371,7 @@ class CaptionAPI:
             raise ServiceError(result.error, status_code=result.status)
         return result
 
-    @app.post("/captions", response_model=CaptionsResponse, openapi_extra=captions_body(settings))
+    @app.post(routes.CAPTIONS.path, response_model=CaptionsResponse, openapi_extra=captions_body(settings))
     async def post_captions(self, request: Request) -> CaptionsResponse:
         """Many images in one request: each is decoded on its own (a bad one fails alone), and every
         valid one goes to the model service in a single call."""
@@ -410,10 +422,7 @@ def caption_job(image: PreparedImage, options: CaptionOptions) -> CaptionJob:
 app.add_middleware(
     RequestGuard,
     max_bytes=settings.max_upload_bytes,
-    path_max_bytes={
-        "/captions": settings.max_request_bytes,
-        "/v1/chat/completions": settings.chat_body_bytes(),
-    },
+    path_max_bytes=routes.body_limits(settings),
     body_timeout_s=settings.body_timeout_s,
     request_timeout_s=settings.request_timeout_s,
     max_reading_bytes=settings.max_reading_bytes,

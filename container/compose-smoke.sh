@@ -44,7 +44,7 @@ for c in "${bentos[@]}" "${project}_nginx_1"; do
 done
 ready=$(seconds)
 
-python -c 'from load_test.sample_images import scene, encode; open("build/smoke.jpg","wb").write(encode(scene(1)))'
+python -c 'from tools.sample_images import scene, encode; open("build/smoke.jpg","wb").write(encode(scene(1)))'
 url="http://127.0.0.1:$BLIP_HTTP_PORT/caption"
 answer=$(curl -fsS -F file=@build/smoke.jpg "$url")
 echo "caption through nginx: $answer"

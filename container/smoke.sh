@@ -25,7 +25,7 @@ for _ in $(seq 180); do
     sleep 1
 done
 ready=$(seconds)
-python -c 'from load_test.sample_images import scene, encode; open("build/smoke.jpg","wb").write(encode(scene(1)))'
+python -c 'from tools.sample_images import scene, encode; open("build/smoke.jpg","wb").write(encode(scene(1)))'
 answer=$(curl -fsS -F file=@build/smoke.jpg "http://127.0.0.1:$port/caption")
 echo "caption: $answer"
 echo "$answer" | grep -q '"caption"'

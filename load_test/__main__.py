@@ -23,12 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from blip_serve.tiny_model import make_blip
-
-from .load_generator import StepReport, run_step
-from .report import ratios, table, write_all
-from .sample_images import load_images
-from .servers import baseline_server, bento_server, litserve_server
+from load_test.load_generator import StepReport, run_step
+from load_test.report import ratios, table, write_all
+from tools.sample_images import load_images
+from tools.servers import baseline_server, bento_server, litserve_server
+from tools.tiny_model import make_blip
 
 
 def sweep(name: str, url: str, images, args, cpu_seconds=None) -> list[StepReport]:

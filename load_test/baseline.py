@@ -14,9 +14,9 @@ import torch
 from fastapi import FastAPI, HTTPException, UploadFile
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from blip_serve.errors import ClientError
-from blip_serve.images import ImageLimits, decode_image
-from blip_serve.settings import load_settings
+from blip_serve.decoding.images import ImageLimits, decode_image
+from blip_serve.shared.errors import ClientError
+from blip_serve.shared.settings import load_settings
 
 settings = load_settings()
 processor = BlipProcessor.from_pretrained(settings.model)

@@ -12,12 +12,12 @@ import argparse
 import json
 import time
 
-from blip_serve.decode_workers import NO_PIXELS
-from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
-from blip_serve.jobs import CaptionJob
-from blip_serve.model import BlipCaptioner
-from blip_serve.settings import load_settings
-from load_test.sample_images import sample_images
+from blip_serve.decoding.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.decoding.pool import NO_PIXELS
+from blip_serve.model.captioner import BlipCaptioner
+from blip_serve.shared.jobs import CaptionJob
+from blip_serve.shared.settings import load_settings
+from tools.sample_images import sample_images
 
 
 def make_jobs(model_dir: str, count: int, tokens: int, jpegs: bool = False) -> list[CaptionJob]:

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
-from blip_serve.jobs import CaptionJob
-from blip_serve.settings import load_settings
-from load_test.sample_images import sample_images
+from blip_serve.decoding.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.shared.jobs import CaptionJob
+from blip_serve.shared.settings import load_settings
+from tools.sample_images import sample_images
 
 SIZES = [(640, 480), (1920, 1080), (4032, 3024)]
 
@@ -39,7 +39,7 @@ def cpu_ms_with_transformers(images: list[bytes], model_dir: str, repeats: int =
     """Decode, then BLIP's own image processor to float32: the API side before the uint8 transport."""
     from transformers import BlipProcessor
 
-    from blip_serve.images import decode_image
+    from blip_serve.decoding.images import decode_image
 
     processor = BlipProcessor.from_pretrained(model_dir).image_processor
     started = time.process_time()
@@ -51,7 +51,7 @@ def cpu_ms_with_transformers(images: list[bytes], model_dir: str, repeats: int =
 
 def cpu_ms_device_path(images: list[bytes], spec: ResizeSpec, repeats: int = 3) -> float:
     """BLIP_GPU_DECODE's decode and resize, run on the CPU (the model process does it there)."""
-    from blip_serve.device_images import DeviceJpegs
+    from blip_serve.model.device_images import DeviceJpegs
 
     device = DeviceJpegs("cpu", spec.height, spec.width)
     started = time.process_time()
@@ -71,7 +71,7 @@ def main() -> None:
     spec = ResizeSpec.from_model_dir(args.model)
     captioner = None
     if not args.no_captions:
-        from blip_serve.model import BlipCaptioner
+        from blip_serve.model.captioner import BlipCaptioner
 
         settings = load_settings({"BLIP_PRECISION": "fp32", "BLIP_MIN_NEW_TOKENS": str(args.tokens)})
         captioner = BlipCaptioner(args.model, settings)
@@ -96,7 +96,7 @@ def main() -> None:
                 jobs = [CaptionJob(pixels=p, max_new_tokens=args.tokens) for p in pixels]
                 return [r.caption for r in captioner.caption_jobs(jobs)]
 
-            from blip_serve.device_images import DeviceJpegs
+            from blip_serve.model.device_images import DeviceJpegs
 
             device = list(DeviceJpegs("cpu", spec.height, spec.width)(images).numpy())
             difference = np.abs(np.stack(device).astype(int) - np.stack(exact).astype(int))

@@ -12,8 +12,8 @@ import contextlib
 
 import aiohttp
 
-from .load_generator import run_step
-from .sample_images import load_images
+from load_test.load_generator import run_step
+from tools.sample_images import load_images
 
 
 async def heavy_client(base_url: str, images, stop: asyncio.Event, answers: list[int]) -> None:

@@ -20,7 +20,7 @@ from fastapi import Request
 from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from blip_serve.settings import load_settings
+from blip_serve.shared.settings import load_settings
 
 settings = load_settings()
 

@@ -12,8 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
+
+from tools.metrics import parse_batch_histogram, percentile
 
 
 @dataclass
@@ -47,13 +48,6 @@ class StepReport:
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, bytes], headers: dict) -> TimedResponse:
@@ -113,23 +107,6 @@ async def open_loop(
         tasks.append(asyncio.create_task(timed(scheduled, next(image_cycle))))
         scheduled += rng.expovariate(rate)
     return list(await asyncio.gather(*tasks))
-
-
-def parse_batch_histogram(metrics_text: str) -> dict[str, float]:
-    """The blip_batch_size histogram (the model service's batches) in a /metrics page: {"le=<bound>":
-    cumulative batches, ..., "sum": images, "count": batches}, summed over label sets; and "busy_s",
-    the model's compute time so far (blip_model_busy_seconds_total)."""
-    histogram: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == "blip_model_busy_seconds":
-            histogram["busy_s"] = sum(s.value for s in family.samples if s.name.endswith("_total"))
-        if family.name != "blip_batch_size":
-            continue
-        for sample in family.samples:
-            kind = sample.name.removeprefix(family.name + "_")
-            key = f"le={sample.labels['le']}" if kind == "bucket" else kind
-            histogram[key] = histogram.get(key, 0.0) + sample.value
-    return histogram
 
 
 async def read_batch_histogram(session, base_url: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from .load_generator import StepReport
+from load_test.load_generator import StepReport
 
 COLUMNS = [
     "server",

@@ -8,6 +8,7 @@
 #   requirements-bench.txt  the server and load_test/
 #   requirements-bench-gpu.txt  the same with the CUDA build (load_test/gpu_benchmark.sh)
 #   requirements-test.txt   the server, load_test/ and the test suite
+#   requirements-client.txt what `pip install .` (blip_serve/client/) needs: httpx and tqdm
 # The bench and test locks are resolved within the server's lock: the tests run the same versions
 # the server installs.
 # torch's CPU build is not on PyPI: pip and uv find it on PyTorch's own page, named in the CPU locks.
@@ -33,6 +34,7 @@ compile_cpu requirements.txt requirements/server.in
 compile requirements-gpu.txt requirements/gpu.in
 compile_cpu requirements-bench.txt requirements/bench.in --constraint requirements.txt
 compile_cpu requirements-test.txt requirements/test.in --constraint requirements.txt
+compile requirements-client.txt requirements/client.in --constraint requirements.txt
 compile requirements-bench-gpu.txt requirements/bench.in requirements/gpu.in --constraint requirements-gpu.txt
 name_torch_page requirements.txt requirements-bench.txt requirements-test.txt
 echo "locked: $(grep -c '^[a-z].*==' requirements.txt) packages in requirements.txt, $(grep -c '^[a-z].*==' requirements-gpu.txt) in requirements-gpu.txt"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_serve.tiny_model import make_blip
-from load_test.servers import ServerProcess, bento_server
+from tools.servers import ServerProcess, bento_server
+from tools.tiny_model import make_blip
 
 SERVERS_STARTED: list[str] = []  # every server process a test started: reported at the end of the run
 

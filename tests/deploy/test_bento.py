@@ -11,9 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from load_test.servers import BENTOML, REPO, ServerProcess, free_port
 from support.images import encode, scene
 from support.locks import read_lock
+from tools.servers import BENTOML, REPO, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow  # starts the real server
 
@@ -25,7 +25,7 @@ def bentoml_home(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BLIP_MODEL", None)
     result = subprocess.run(
-        [sys.executable, "-m", "blip_serve.import_model", tiny_model_dir],
+        [sys.executable, "-m", "tools.import_model", tiny_model_dir],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -37,7 +37,7 @@ def bentoml_home(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
 
 
 def source_kind(env: dict[str, str], setting: str) -> str:
-    code = f"from blip_serve.model_files import model_source; print(type(model_source({setting!r})).__name__)"
+    code = f"from blip_serve.shared.model_files import model_source; print(type(model_source({setting!r})).__name__)"
     return subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -62,7 +62,7 @@ def test_bentoml_build_without_a_model_and_no_hub_says_to_import_one(tmp_path):
     assert lines[0].startswith(
         "bentoml build could not ask the Hugging Face hub for Salesforce/blip-image-captioning-base"
     )
-    assert lines[0].endswith("import it first: `python -m blip_serve.import_model DIR`, then `bentoml build`.")
+    assert lines[0].endswith("import it first: `python -m tools.import_model DIR`, then `bentoml build`.")
 
 
 def test_the_gpu_bentofile_differs_only_in_its_lock():
@@ -88,9 +88,12 @@ def test_bentoml_build_packs_the_model_and_the_bento_serves_it(bentoml_home, ref
     # What `bentoml containerize` installs: the lock, every pin and hash as in requirements.txt
     # (BentoML rewrites the file's layout, not its requirements).
     assert read_lock(bento_dir / "env" / "python" / "requirements.txt") == read_lock("requirements.txt")
-    packed = sorted(p.name for p in (bento_dir / "src" / "blip_serve").glob("*.py"))
-    assert not {"tiny_model.py", "import_model.py", "client.py"} & set(packed)  # only what serves
-    assert {"http.py", "images.py", "model.py", "settings.py"} <= set(packed)
+    source = bento_dir / "src" / "blip_serve"
+    packed = sorted(str(p.relative_to(source)) for p in source.rglob("*.py"))
+    assert not [name for name in packed if name.startswith("client/")]  # only what serves
+    assert {"api/http.py", "decoding/child.py", "model/captioner.py", "shared/settings.py", "host/patches.py"} <= set(
+        packed
+    )
 
     # Serve the built bento, not the source tree: what the container image runs.
     port = free_port()

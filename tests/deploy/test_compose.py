@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from load_test.servers import REPO
+from tools.servers import REPO
 
 CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from load_test.servers import REPO
+from tools.servers import REPO
 
 pytestmark = [
     pytest.mark.container,

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from load_test.servers import REPO
+from tools.servers import REPO
 
 SCRIPT = REPO / "container" / "check-prerequisites.sh"
 TOOLS = ["buildah", "podman", "runc", "debootstrap", "curl", "podman-compose"]

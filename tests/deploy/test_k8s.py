@@ -12,10 +12,10 @@ import httpx
 import kubernetes_validate
 import pytest
 
-from blip_serve.settings import Settings, load_settings
-from load_test.servers import REPO
+from blip_serve.shared.settings import Settings, load_settings
 from support.k8s import one, render
 from support.tools import require
+from tools.servers import REPO
 
 OVERLAYS = ["cpu", "gpu"]
 KUBERNETES_VERSION = "1.32.0"  # the oldest version still supported upstream when this was written

@@ -7,9 +7,9 @@ from collections import Counter
 import httpx
 import pytest
 
-from load_test.servers import bento_server
 from support.clients import post_concurrently
 from support.images import encode, scene
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow  # starts the real server
 

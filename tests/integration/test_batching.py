@@ -12,9 +12,9 @@ import aiohttp
 import httpx
 import pytest
 
-from load_test.servers import bento_server
 from support.clients import batch_histogram, metric, post_concurrently
 from support.images import encode, scene
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow
 IMAGE = encode(scene(3), "PNG")

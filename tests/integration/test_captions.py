@@ -81,7 +81,7 @@ def test_json_and_raw_bodies_give_the_multipart_caption(server, reference, how):
 
 
 def test_jpeg_draft_setting_reaches_the_decoder(tiny_model_dir, tmp_path):
-    from load_test.servers import bento_server
+    from tools.servers import bento_server
 
     photo = encode(scene(31, (4032, 3024)), "JPEG", quality=90)
     with bento_server({"BLIP_MODEL": tiny_model_dir, "BLIP_JPEG_DRAFT": "true"}, tmp_path / "draft.log") as drafted:
@@ -98,8 +98,8 @@ def test_gpu_decode_setting_sends_baseline_jpegs_to_the_model(tiny_model_dir, tm
     import numpy as np
     from PIL import Image
 
-    from blip_serve.device_images import DeviceJpegs
-    from load_test.servers import bento_server
+    from blip_serve.model.device_images import DeviceJpegs
+    from tools.servers import bento_server
 
     jpeg = encode(scene(32, (640, 480)), "JPEG", quality=90)
     png = encode(scene(33), "PNG")
@@ -129,7 +129,7 @@ def test_the_readmes_python_examples_run_as_written(server, reference, library):
     import subprocess
     import sys
 
-    from load_test.servers import REPO
+    from tools.servers import REPO
 
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     code = next(block for block in blocks if block.startswith(f"import {library}") or f", {library}" in block[:40])

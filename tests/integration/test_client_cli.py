@@ -1,4 +1,4 @@
-"""blip_serve/client.py against the real server (tiny model): the library's captions equal the
+"""blip_serve/client/ against the real server (tiny model): the library's captions equal the
 reference, and blip-caption captions a folder, resumes, survives a restart and never overwrites."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from blip_serve.client import BlipClient
-from load_test.servers import REPO, bento_server, free_port
+from blip_serve.client.library import BlipClient
 from support.cli import blip_caption, make_folder, records, run_cli
 from support.images import encode, scene
+from tools.servers import REPO, bento_server, free_port
 
 slow = pytest.mark.slow  # these start the real server
 

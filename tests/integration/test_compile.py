@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
-from blip_serve.settings import load_settings
-from load_test.servers import bento_server
+from blip_serve.decoding.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.shared.settings import load_settings
 from support.clients import post_caption, post_concurrently
 from support.images import encode, scene
+from tools.servers import bento_server
 
 
 @pytest.fixture(scope="module")
 def captioner(tiny_model_dir):
-    from blip_serve.model import BlipCaptioner
+    from blip_serve.model.captioner import BlipCaptioner
 
     return BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "fp32"}))
 
@@ -33,7 +33,7 @@ def pixel_values(captioner, tiny_model_dir):
     [(None, 20, 0), (None, 12, 12), ("a picture of", 10, 0), ("a picture of", 15, 4)],
 )
 def test_static_cache_decoder_gives_generates_tokens(captioner, pixel_values, prompt, max_new_tokens, min_new_tokens):
-    from blip_serve.compiled_generate import StaticCacheDecoder
+    from blip_serve.model.compiled_generate import StaticCacheDecoder
 
     decoder = StaticCacheDecoder(captioner.model, "cpu")
     decoder.step = decoder.decode_step  # the same maths, uncompiled: compiling is the server test's part
@@ -54,7 +54,7 @@ def test_static_cache_decoder_gives_generates_tokens(captioner, pixel_values, pr
 
 
 def test_a_generation_config_with_other_rules_keeps_generate(captioner):
-    from blip_serve.compiled_generate import unsupported_settings
+    from blip_serve.model.compiled_generate import unsupported_settings
 
     config = captioner.model.text_decoder.generation_config
     assert unsupported_settings(captioner.model) == []

@@ -16,12 +16,12 @@ import psutil
 import pytest
 from PIL import Image
 
-from load_test.load_generator import percentile
-from load_test.servers import bento_server
 from support import hostile
 from support.clients import multipart_head
 from support.images import encode, exif_with_orientation_and_an_oversized_short, header_only_jpeg, scene
 from support.nginx import NginxServer
+from tools.metrics import percentile
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow  # starts the real server
 needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
@@ -132,7 +132,7 @@ def test_every_response_carries_a_request_id(strict_server, path):
 def test_an_unknown_path_is_a_json_404(strict_server):
     response = httpx.post(f"{strict_server.url}/captions/../../etc/passwd")
     assert response.status_code == 404
-    assert response.json() == {"error": "no such path; the API is POST /caption (see /docs.json)"}
+    assert response.json() == {"error": "no such path; the API is POST /caption, POST /captions (see /docs.json)"}
 
 
 def test_unknown_paths_add_no_metric_series(strict_server):
@@ -163,7 +163,7 @@ def strict_nginx(strict_server, nginx_prefix):
 def test_nginx_answers_unknown_paths_itself(strict_nginx, strict_server):
     response = httpx.get(f"{strict_nginx.url}/unknown-via-nginx")
     assert response.status_code == 404
-    assert response.json() == {"error": "no such path; the API is POST /caption (see /docs.json)"}
+    assert response.json() == {"error": "no such path; the API is POST /caption, POST /captions (see /docs.json)"}
     assert "unknown-via-nginx" not in strict_server.log_text()
 
 

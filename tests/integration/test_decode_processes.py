@@ -1,4 +1,4 @@
-"""blip_serve/decode_workers.py's processes, real ones, without a server. Same pixels as decoding
+"""blip_serve/decoding/'s processes, real ones, without a server. Same pixels as decoding
 in-process; the CPU and memory budgets hold; a cancelled request's decode is killed; requests
 take turns; a small image never waits behind a large one; a grown process is replaced; the
 costliest accepted uploads stay within their memory figure."""
@@ -13,13 +13,13 @@ import psutil
 import pytest
 from PIL import Image
 
-from blip_serve.decode_workers import Decoders
-from blip_serve.errors import ClientError
-from blip_serve.images import ImageLimits, ResizeSpec, prepare_image
-from load_test.servers import REPO
+from blip_serve.decoding.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.decoding.pool import Decoders
+from blip_serve.shared.errors import ClientError
 from support import hostile
 from support.decoders import CONFIG, config
 from support.images import encode, scene, upload_corpus
+from tools.servers import REPO
 
 pytestmark = pytest.mark.slow  # real decode processes, large images
 
@@ -189,7 +189,7 @@ def test_a_process_that_grew_is_replaced_so_memory_goes_back():
 def test_decode_processes_exit_with_their_parent():
     code = (
         "import asyncio, os, sys\n"
-        "from blip_serve.decode_workers import DecodeConfig, Decoders\n"
+        "from blip_serve.decoding.pool import DecodeConfig, Decoders\n"
         "async def main():\n"
         f"    d = Decoders(DecodeConfig(**{CONFIG.__dict__!r}), 2, 1)\n"
         "    await d.warm_up()\n"
@@ -248,7 +248,7 @@ def test_a_process_killed_from_outside_is_the_servers_fault_not_the_images():
     import os
     import signal
 
-    from blip_serve.errors import Unavailable
+    from blip_serve.shared.errors import Unavailable
 
     async def go():
         decoders = await started()
@@ -266,7 +266,7 @@ def test_a_process_killed_from_outside_is_the_servers_fault_not_the_images():
             await process.process.wait()
             return await real_decode(process, data, large_ok)
 
-        from blip_serve.decode_workers import DecodeProcess
+        from blip_serve.decoding.pool import DecodeProcess
 
         DecodeProcess.decode = killed_on_arrival
         try:

@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-from load_test.servers import bento_server
 from support.clients import post_concurrently, wait_for_queue
 from support.images import encode, scene
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow  # starts the real server
 DRAIN_S = 4

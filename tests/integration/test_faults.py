@@ -14,11 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from load_test.load_generator import run_step
-from load_test.servers import bento_server
-from support.clients import Answer, post_concurrently, wait_for_queue
+from support.clients import Answer, closed_loop, post_concurrently, wait_for_queue
 from support.images import encode, scene
 from support.nginx import NginxServer
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow
 IMAGE = encode(scene(3), "PNG")
@@ -109,16 +108,13 @@ def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
         def rss() -> dict[int, int]:
             return {p.pid: p.memory_info().rss for p in processes}
 
-        def soak(total: int) -> dict[str, int]:
-            """`total` requests from 8 clients in a closed loop (the load test's); counts by status."""
-            step = run_step(
-                "soak", f"{server.url}/caption", [("p.png", IMAGE)], "closed", 8, total, 0, show_progress=False
-            )
-            return asyncio.run(step).statuses
+        def soak(total: int) -> dict[int, int]:
+            """`total` requests from 8 clients in a closed loop; counts by status."""
+            return dict(closed_loop(f"{server.url}/caption", IMAGE, clients=8, total=total))
 
-        assert soak(300) == {"200": 300}  # warm-up
+        assert soak(300) == {200: 300}  # warm-up
         before = rss()
-        assert soak(2000) == {"200": 2000}
+        assert soak(2000) == {200: 2000}
         after = rss()
     growth = {pid: after[pid] / before[pid] - 1 for pid in before}
     print("soak RSS growth per process: " + ", ".join(f"{before[p] >> 20}->{after[p] >> 20} MB" for p in before))

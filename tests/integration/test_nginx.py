@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from load_test.servers import bento_server, free_port
 from support.clients import post_concurrently
 from support.images import encode, scene
 from support.nginx import NginxServer
+from tools.servers import bento_server, free_port
 
 pytestmark = [
     pytest.mark.slow,  # starts the real server

@@ -6,8 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from load_test.sample_images import write_samples
-from load_test.servers import REPO
+from tools.sample_images import write_samples
+from tools.servers import REPO
 
 pytestmark = pytest.mark.slow  # starts the real server
 

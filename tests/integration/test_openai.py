@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from load_test.servers import bento_server
 from support.clients import batch_histogram, post_caption
 from support.openai_messages import JPEG, image_message
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow  # starts the real server
 

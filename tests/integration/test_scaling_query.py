@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from load_test.servers import bento_server
 from support.clients import multipart_head
 from support.k8s import one, render
 from support.prometheus import SCRAPE_INTERVAL_S, PrometheusServer, query
+from tools.servers import bento_server
 
 pytestmark = [
     pytest.mark.slow,  # starts the real server

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from load_test.servers import BENTOML, REPO, bento_server, free_port
+from tools.servers import BENTOML, REPO, bento_server, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_no_hub_and_no_model_says_what_to_do(tmp_path):
     assert code != 0 and len(lines) == 1, output
     assert lines[0].startswith("could not download Salesforce/blip-image-captioning-base from the Hugging Face hub")
     assert "Set BLIP_MODEL to a local BLIP directory" in lines[0]
-    assert "python -m blip_serve.tiny_model models/tiny" in lines[0]
+    assert "python -m tools.tiny_model models/tiny" in lines[0]
     assert "Traceback" not in output and elapsed < 60
 
 

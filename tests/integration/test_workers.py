@@ -5,9 +5,9 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from load_test.servers import bento_server
 from support.clients import post_concurrently
 from support.images import encode, scene
+from tools.servers import bento_server
 
 pytestmark = pytest.mark.slow  # starts the real server
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from load_test.servers import REPO
 from support.images import encode, scene
+from tools.servers import REPO
 
 
 def make_folder(root: Path, count: int = 40, bad: int = 4) -> list[Path]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from load_test.load_generator import parse_batch_histogram
+from tools.metrics import parse_batch_histogram
 
 
 @dataclass
@@ -42,6 +43,29 @@ def post_concurrently(
             )
 
     return asyncio.run(send_all())
+
+
+def closed_loop(url: str, image: bytes, clients: int, total: int, timeout_s: float = 600) -> Counter[int]:
+    """`total` POSTs of `image` to `url` from `clients` clients in a closed loop (each sends its next
+    request when its answer arrives); how many answers had each status."""
+
+    async def run() -> Counter[int]:
+        statuses: Counter[int] = Counter()
+        remaining = iter(range(total))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+            async def client() -> None:
+                for _ in remaining:
+                    form = aiohttp.FormData()
+                    form.add_field("file", image, filename="upload", content_type="application/octet-stream")
+                    async with session.post(url, data=form) as response:
+                        await response.read()
+                        statuses[response.status] += 1
+
+            await asyncio.gather(*(client() for _ in range(clients)))
+        return statuses
+
+    return asyncio.run(run())
 
 
 def post_caption(server, files=None, data=None, **kwargs) -> httpx.Response:

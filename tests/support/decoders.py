@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from blip_serve.decode_workers import DecodeConfig
-from blip_serve.images import LARGE_IMAGE_PIXELS
+from blip_serve.decoding.child import DecodeConfig
+from blip_serve.decoding.images import LARGE_IMAGE_PIXELS
 
 CONFIG = DecodeConfig(
     max_pixels=40_000_000,

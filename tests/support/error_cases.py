@@ -26,7 +26,7 @@ ERROR_CASES = {
     "header-only jpeg": ({"file": ("h.jpg", header_only_jpeg())}, None, 415, "truncated"),
     "pixel bomb": ({"file": ("b.png", encode(Image.new("L", (12000, 10000)), "PNG"))}, None, 413, "pixels"),
     "side over the limit": ({"file": ("s.png", encode(Image.new("L", (13000, 1000)), "PNG"))}, None, 413, "no side"),
-    # Structures no camera or editor writes (blip_serve/file_checks.py; tests/unit/test_file_checks.py)
+    # Structures no camera or editor writes (blip_serve/decoding/file_checks.py; tests/unit/decoding/test_file_checks.py)
     "arithmetic-coded jpeg": ({"file": ("a.jpg", hostile.arithmetic_jpeg())}, None, 415, "arithmetic-coded"),
     "header-only mpo": ({"file": ("m.jpg", hostile.header_only_mpo())}, None, 415, "truncated"),
     "rle bmp": ({"file": ("r.bmp", hostile.bmp_rle8(600, 600))}, None, 415, "RLE-compressed"),

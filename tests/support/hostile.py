@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from load_test.sample_images import encode, scene
+from tools.sample_images import encode, scene
 
 # The tags of directory entries the generators write: unknown to Pillow, so kept as raw values.
 FIRST_PRIVATE_TAG = 0xC000

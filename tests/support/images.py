@@ -7,7 +7,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-from load_test.sample_images import encode, scene  # noqa: F401  (tests import both from here)
+from tools.sample_images import encode, scene  # noqa: F401  (tests import both from here)
 
 
 def animated_gif(seed: int) -> bytes:

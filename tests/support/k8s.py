@@ -9,7 +9,7 @@ import subprocess
 
 import yaml
 
-from load_test.servers import REPO
+from tools.servers import REPO
 
 from .tools import require
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from load_test.servers import REPO, ServerProcess, free_port
+from tools.servers import REPO, ServerProcess, free_port
 
 NGINX_CONF = REPO / "nginx" / "nginx.conf"
 NGINX_UPSTREAM = "server bento:3000 max_fails=1 fail_timeout=5s;"

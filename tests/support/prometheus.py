@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from load_test.servers import ServerProcess, free_port
+from tools.servers import ServerProcess, free_port
 
 SCRAPE_INTERVAL_S = 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from blip_serve.images import ImageLimits, decode_image
+from blip_serve.decoding.images import ImageLimits, decode_image
 
 
 class ReferenceCaptioner:

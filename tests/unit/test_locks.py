@@ -65,3 +65,16 @@ def test_cpu_locks_take_torchs_cpu_build_and_the_gpu_lock_the_cuda_one():
         assert "+" not in gpu["torch"][0] and "nvidia-cublas" in gpu, lock
         assert gpu["torch"][0] == read_lock("requirements.txt")["torch"][0].removesuffix("+cpu")
         assert "find-links" not in (REPO / lock).read_text()
+
+
+def test_the_client_lock_holds_pyprojects_dependencies_at_the_servers_versions():
+    """`pip install .` installs blip_serve/client/ alone; requirements-client.txt is its lock."""
+    import tomllib
+
+    client, server = read_lock("requirements-client.txt"), read_lock("requirements.txt")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {canonical(re.split(r"[=<>~! \[]", d, maxsplit=1)[0]) for d in declared}
+    assert wanted == requirement_names("client.in") and wanted <= set(client)
+    for package, (version, hashes) in client.items():
+        assert hashes and server[package][0] == version, package
+    assert not {"bentoml", "torch", "fastapi", "numpy"} & set(client)

@@ -8,9 +8,11 @@ import json
 import math
 import re
 
-from blip_serve.http import NOT_FOUND, OPENAI_NOT_FOUND, error_body, too_large
-from blip_serve.settings import Settings
-from load_test.servers import REPO
+from blip_serve.api.http import too_large
+from blip_serve.shared.errors import error_body
+from blip_serve.shared.routes import NOT_FOUND, OPENAI_NOT_FOUND
+from blip_serve.shared.settings import Settings
+from tools.servers import REPO
 
 CONF = (REPO / "nginx" / "nginx.conf").read_text()
 MB = 1024 * 1024

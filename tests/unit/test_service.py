@@ -9,9 +9,11 @@ import base64
 import time
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from blip_serve.jobs import CaptionResult
+from blip_serve.shared.jobs import CaptionResult
+from blip_serve.shared.routes import ROUTES
 from support.error_cases import ERROR_CASES
 from support.images import encode, scene
 from support.openai_messages import image_message
@@ -270,3 +272,22 @@ def test_openapi_describes_every_body(api):
     assert {"multipart/form-data", "application/json", "image/*", "application/octet-stream"} <= set(caption)
     captions = spec["paths"]["/captions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert captions["properties"]["file"]["maxItems"] == 32
+
+
+def app_routes(routes) -> set[tuple[str, str]]:
+    """(method, path) of every APIRoute, inside included routers too (how BentoML mounts a service's)."""
+    found = set()
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found |= {(method, route.path) for method in route.methods}
+        elif hasattr(route, "original_router"):  # FastAPI's wrapper of an included router
+            found |= app_routes(route.original_router.routes)
+    return found
+
+
+def test_the_app_serves_the_declared_routes_and_no_others(api):
+    """Every route service.py registers is declared in shared/routes.py, where the drain, the body
+    limits, the 404s and the nginx check read it (tests/unit/shared/test_routes.py)."""
+    import service
+
+    assert app_routes(service.app.routes) == {(route.method, route.path) for route in ROUTES}

@@ -1,0 +1,3 @@
+from blip_serve.client.cli import main
+
+main()
