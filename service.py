@@ -108,10 +108,9 @@ class BlipModelService:
     model_files = MODEL_FILES
 
     def __init__(self) -> None:
-        # torch's OpenMP threads sleep between operations instead of spinning, unless the operator
-        # chose otherwise: spinning burnt ~30 % of this process's CPU beside the generate loop's
-        # Python, CPU the API's decodes needed (micro model, 32 clients, a 2-core Xeon: 8.8 instead of
-        # 12.9 ms of model-process CPU an image, 1.15x the throughput). Read when torch loads.
+        # torch's OpenMP threads sleep between operations instead of spinning (unless the operator
+        # chose otherwise): spinning took CPU the API's decodes needed (docs/performance.md, "Why
+        # the code does what it does"). Read when torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from blip_serve.model.captioner import BlipCaptioner  # torch and BLIP load in this process only
 

@@ -3,7 +3,7 @@
 # them, and buildah builds on the local base image with no package index.
 #   container/build-offline.sh [TAG]                 (default blip-serve:offline)
 # Needs: buildah, the base image (container/build-base-image.sh), a model imported into the
-# BentoML model store (python -m blip_serve.import_model DIR), and this repo's venv active.
+# BentoML model store (python -m tools.import_model DIR), and this repo's venv active.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-blip-serve:offline}

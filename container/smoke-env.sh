@@ -10,5 +10,5 @@ base=localhost/blip-serve-base:bookworm
 seconds() { date +%s; }
 
 model=${MODEL_DIR:-build/tiny-model}   # tiny random model unless MODEL_DIR is given
-[ -f "$model/config.json" ] || python -m blip_serve.tiny_model "$model"
-python -m blip_serve.import_model "$model"
+[ -f "$model/config.json" ] || python -m tools.tiny_model "$model"
+python -m tools.import_model "$model"

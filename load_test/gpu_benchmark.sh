@@ -30,7 +30,7 @@ exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "cores: $(nproc), API workers: $api_workers, python: $($python -c 'import sys, torch; print(sys.version.split()[0], torch.__version__)')"
 $python -c "import torchvision" 2>/dev/null && gpu_decode=1 || { gpu_decode=0; echo "no torchvision: the BLIP_GPU_DECODE parts are skipped"; }
-[ -f "$model/config.json" ] || $python -m blip_serve.tiny_model "$model" --full
+[ -f "$model/config.json" ] || $python -m tools.tiny_model "$model" --full
 
 gpu="BLIP_PRECISION=fp16 BLIP_MAX_BATCH_SIZE=64 BLIP_MAX_QUEUED_IMAGES=2048 BLIP_API_WORKERS=$api_workers"
 fits() {  # fits NAME SECONDS: is there time left for this part?

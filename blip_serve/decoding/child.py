@@ -82,7 +82,7 @@ def peak_resident_bytes() -> int:
 
 def widen_pipe(fd: int) -> None:
     """Pipes hold 64 KB: a 442 KB answer would cross in 7 pieces, each a wake-up of both processes
-    (~4 ms an image, measured in a VM). 1 MB, Linux's default maximum, takes it in one."""
+    (docs/performance.md). 1 MB, Linux's default maximum, takes it in one."""
     try:
         fcntl.fcntl(fd, 1031, 1024 * 1024)  # F_SETPIPE_SZ
     except OSError:
@@ -104,8 +104,7 @@ def lower_priority() -> None:
     """Run only on otherwise idle CPU time (Linux SCHED_IDLE), so that a large decode never takes a
     core from the model or from small uploads. A higher nice value is not enough: the model's
     torch threads meet at a barrier in every operation, and a decode that holds one of their cores
-    for a time slice stalls them all (measured on 2 cores: normal requests' p95 went from 0.2 s
-    to 2 s with nice 10 beside 40 MP decodes). No-op elsewhere."""
+    for a time slice stalls them all (docs/performance.md). No-op elsewhere."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -125,9 +124,9 @@ def serve(config: DecodeConfig) -> None:
     return_freed_memory_to_os()
     if not config.idle_priority:
         # Pillow keeps a few freed image blocks for the next image instead of handing them back
-        # and faulting fresh pages in for every upload: a 640x480 JPEG's decode and resize took
-        # 3.8 instead of 5.7 ms of CPU (2-core Xeon). Small images only: a large pool's process
-        # would keep a large photo's blocks, and be replaced for its size (grown).
+        # and faulting fresh pages in for every upload (a third less CPU an image:
+        # docs/performance.md). Small images only: a large pool's process would keep a large
+        # photo's blocks, and be replaced for its size (grown).
         Image.core.set_blocks_max(PILLOW_BLOCKS_KEPT)
     warnings.simplefilter("ignore")
     PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024  # all of a PNG's text chunks, inflated

@@ -5,10 +5,10 @@
     resize_image   RGB image -> (3, H, W) uint8, exactly BLIP's image processor's resize
     prepare_image  all of it, for one upload
 
-Runs in the API service's decode processes (decoding/child.py) with Pillow and numpy only: no
-torch, no transformers. The model process
-does the rest of BLIP's preprocessing (rescale, normalize) on the uint8 array, so four times fewer
-bytes cross between the processes than float32 would.
+The decoding runs in the API worker's decode processes (child.py), with Pillow and numpy only: no
+torch, no transformers. The API worker itself imports only the types (PreparedImage, ResizeSpec).
+The model process does the rest of BLIP's preprocessing (rescale, normalize) on the uint8 array, so
+four times fewer bytes cross between the processes than float32 would.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -192,13 +191,17 @@ class Batcher(Generic[J, R]):
         self.run_batch = run_batch
         self.queue: FairQueue[J] = FairQueue(max_batch_size, max_queued, max_batch_cost)
         self.observer = observer or BatchObserver()
-        self.clock = time.monotonic
         self.arrived = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.last_duration = 0.0  # of the last batch
         self.last_end = -float("inf")
         self.expected_back = 0  # images the last batch answered: their clients may send more
         self.waiting_at_end = 0  # images already queued when the last batch ended
+
+    @staticmethod
+    def clock() -> float:
+        """The event loop's clock: time.monotonic() in a server; a test's loop may run virtual time."""
+        return asyncio.get_running_loop().time()
 
     async def submit(self, jobs: list[J], timeout_s: float) -> list[R]:
         """Caption `jobs` as one flow; raises QueueFull (nothing queued) or CallDropped (deadline).

@@ -88,8 +88,8 @@ class PixelNormalizer:
     """Rescale and normalize as BLIP's image processor does (uint8 -> float64 x rescale_factor ->
     float32, then (x - mean) / std in float32), as a lookup: a uint8 has 256 values, so the
     processor's operations run once per value and channel (on the CPU, in its order: the same
-    float32 values as transformers' numpy code, bit for bit), and each pixel is one table read.
-    Measured on a 2-core Xeon: 0.5 ms of CPU an image, against 3.4 ms computing it per pixel."""
+    float32 values as transformers' numpy code, bit for bit), and each pixel is one table read
+    (a seventh of the CPU of computing it per pixel: docs/performance.md)."""
 
     def __init__(self, model_dir: str, device: str):
         config = image_processor_config(model_dir)
@@ -148,7 +148,7 @@ class BlipCaptioner:
         self.min_new_tokens = settings.min_new_tokens
         # Every model call runs on this one thread. BentoML calls a sync API from a pool of
         # threads, and CUDA graph trees are per thread: from a pool, BLIP_COMPILE re-recorded its
-        # graphs on most calls (measured on an H200: 3.6-5 s a batch instead of ~0.1 s).
+        # graphs on most calls (docs/performance.md).
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip-model")
         self.compiled = self.thread.submit(self.compiled_decoder).result() if settings.compile else None
         self.attention = settings.attention

@@ -23,8 +23,8 @@ def pick_precision(setting: str, device: str) -> str:
         return setting
     if device.startswith("cuda"):
         return "fp16"
-    # bf16 pays off only where the CPU multiplies bf16 natively (AMX): measured on a CPU without
-    # it (AVX-512 VNNI only), a bf16 vision tower ran 3.8x slower than fp32.
+    # bf16 pays off only where the CPU multiplies bf16 natively (AMX); without it, bf16 is slower
+    # than fp32 (docs/performance.md).
     return "hybrid" if cpu_has_amx() else "fp32"
 
 
@@ -39,10 +39,9 @@ def cpu_has_amx() -> bool:
 def pick_torch_threads(setting: int, workers: int = 1) -> int:
     if setting > 0:
         return setting
-    # All the cores this process may use (docs/performance.md: 2 threads on 2 cores served 1.75x what
-    # 1 thread did). Decoding runs in other processes, a few ms of CPU per photo against a caption's
-    # seconds, the large ones at idle priority: no core is held back for it. Several model workers
-    # on one CPU split its cores.
+    # All the cores this process may use (docs/performance.md). Decoding runs in other processes,
+    # a few ms of CPU per photo against a caption's seconds, the large ones at idle priority: no
+    # core is held back for it. Several model workers on one CPU split its cores.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // workers)
 

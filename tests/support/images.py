@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -17,6 +18,11 @@ def animated_gif(seed: int) -> bytes:
 
 def upload_corpus() -> dict[str, bytes]:
     """Every accepted format and a spread of modes and sizes: name -> file bytes."""
+    return dict(made_corpus())
+
+
+@functools.cache
+def made_corpus() -> dict[str, bytes]:
     return {
         "photo.jpg": encode(scene(1), "JPEG", quality=90),
         "photo.png": encode(scene(2), "PNG"),

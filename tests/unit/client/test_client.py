@@ -16,7 +16,8 @@ import pytest
 
 from blip_serve.client.cli import ResultFile, Stop, plan_sidecars
 from blip_serve.client.library import AsyncBlipClient, BlipClient, BlipError
-from support.cli import GIB, make_folder, records, run_cli
+from support import virtual_time
+from support.cli import GIB, make_folder, records, run_cli, run_cli_here
 from tools.servers import REPO, free_port
 
 
@@ -25,7 +26,7 @@ def scripted(*answers: tuple[int, dict, dict]) -> tuple[httpx.MockTransport, lis
     queue, seen = list(answers), []
 
     def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(time.monotonic())
+        seen.append(asyncio.get_running_loop().time())  # virtual time: the client's waits take none
         status, headers, body = queue.pop(0)
         return httpx.Response(status, headers=headers, json=body)
 
@@ -37,7 +38,7 @@ def caption_with(transport, **settings) -> str:
         async with AsyncBlipClient("http://blip", transport=transport, **settings) as client:
             return await client.caption(b"image bytes")
 
-    return asyncio.run(run())
+    return virtual_time.run(run())
 
 
 def test_a_503_is_retried_after_its_retry_after_then_succeeds():
@@ -114,7 +115,7 @@ def test_a_path_that_is_not_there_is_refused_before_any_request(tmp_path):
     """Before: exit 0 with "nothing to do"."""
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"not read")
-    result = run_cli(f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), str(tmp_path / "nosuchdir"))
+    result = run_cli_here(f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), str(tmp_path / "nosuchdir"))
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"blip-caption: error: no such file or folder: {tmp_path / 'nosuchdir'}")
 
@@ -131,7 +132,9 @@ def test_the_sidecars_of_an_earlier_run_are_not_skipped_files(tmp_path):
 def test_a_closed_port_fails_at_once_and_says_why(tmp_path):
     make_folder(tmp_path / "photos", count=3, bad=0)
     started = time.monotonic()
-    result = run_cli(f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), "--out", str(tmp_path / "o.jsonl"))
+    result = run_cli_here(
+        f"http://127.0.0.1:{free_port()}", str(tmp_path / "photos"), "--out", str(tmp_path / "o.jsonl")
+    )
     assert result.returncode == 2 and time.monotonic() - started < 30
     assert "blip-caption: cannot reach http://127.0.0.1:" in result.stderr and "connection refused" in result.stderr
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
@@ -139,10 +142,10 @@ def test_a_closed_port_fails_at_once_and_says_why(tmp_path):
 
 @functools.cache
 def gzip_bomb() -> bytes:
-    """512 MB of spaces in ~0.5 MB, made once: compressing takes seconds, longer than the client waits."""
+    """64 MB of spaces (8 times what the client reads) in ~64 KB, made once, before the client's clock starts."""
     import gzip
 
-    return gzip.compress(b" " * (512 << 20), 1)
+    return gzip.compress(b" " * (64 << 20), 1)
 
 
 @pytest.fixture
@@ -206,7 +209,7 @@ def fake_server():
     server.daemon_threads = True
     server.mode, server.ready = "401", True
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     yield server
     server.shutdown()
 
@@ -217,7 +220,7 @@ MISBEHAVIOURS = {
     "html": (0, "not blip-serve's JSON: <html><body><h1>502 Bad Gateway"),
     "wrong shape": (0, 'no "captions" list'),
     "caption not a string": (0, "not blip-serve's shape"),
-    "drip": (0, "no complete answer within 3 s"),
+    "drip": (0, "no complete answer within 0.5 s"),
     "1 GiB": (0, "answer is over 8 MB"),
     "gzip bomb": (0, "compressed answer"),
 }
@@ -234,7 +237,12 @@ def test_blip_caption_trusts_no_answer(fake_server, tmp_path, mode):
     make_folder(tmp_path / "photos", count=3, bad=0)
     out = tmp_path / "o.jsonl"
     started = time.monotonic()
-    result = run_cli(fake_server.url, str(tmp_path / "photos"), "--out", str(out), "--timeout", "3", memory_limit=GIB)
+    timeout = "0.5" if mode == "drip" else "3"  # the drip never ends: the timeout is the whole wait
+    args = (str(tmp_path / "photos"), "--out", str(out), "--timeout", timeout)
+    if mode in ("1 GiB", "gzip bomb"):  # its memory is the point: capped, in a process of its own
+        result = run_cli(fake_server.url, *args, memory_limit=GIB)
+    else:
+        result = run_cli_here(fake_server.url, *args)
     took = time.monotonic() - started
     rows = records(out)
     assert result.returncode == 1, result.stderr
@@ -247,7 +255,7 @@ def test_blip_caption_trusts_no_answer(fake_server, tmp_path, mode):
 
 def test_a_missing_api_key_stops_the_run_with_one_line(fake_server, tmp_path):
     make_folder(tmp_path / "photos", count=20, bad=0)
-    result = run_cli(fake_server.url, str(tmp_path / "photos"), "--out", str(tmp_path / "o.jsonl"))
+    result = run_cli_here(fake_server.url, str(tmp_path / "photos"), "--out", str(tmp_path / "o.jsonl"))
     assert result.returncode == 2, result.stderr
     assert "blip-caption: the server wants an API key: --api-key KEY or BLIP_API_KEY" in result.stderr
     assert (tmp_path / "o.jsonl").read_text() == ""  # no image is blamed for the missing key
@@ -256,6 +264,6 @@ def test_a_missing_api_key_stops_the_run_with_one_line(fake_server, tmp_path):
 def test_a_url_that_is_not_blip_serve_says_so(fake_server, tmp_path):
     fake_server.ready = False
     make_folder(tmp_path / "photos", count=3, bad=0)
-    result = run_cli(fake_server.url, str(tmp_path / "photos"))
+    result = run_cli_here(fake_server.url, str(tmp_path / "photos"))
     assert result.returncode == 2
     assert "does not look like a blip-serve server: GET /readyz answered 404" in result.stderr

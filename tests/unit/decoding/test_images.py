@@ -160,12 +160,12 @@ def test_resize_equals_blips_image_processor_bit_for_bit(tiny_model_dir):
 
 
 def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_never_below_the_model_size():
-    photo = encode(scene(6, (4032, 3024)), "JPEG", quality=90)
+    photo = encode(scene(6, (3072, 2304)), "JPEG", quality=90)
     spec = ResizeSpec(width=384, height=384)
     exact = prepare_image(photo, LIMIT, spec)
     draft = prepare_image(photo, LIMIT, spec, jpeg_draft=True)
-    assert (exact.width, exact.height) == (4032, 3024)
-    assert (draft.width, draft.height) == (1008, 756)  # 1/4: 1/8 would be 378 px high, under 384
+    assert (exact.width, exact.height) == (3072, 2304)
+    assert (draft.width, draft.height) == (768, 576)  # 1/4: 1/8 would be 288 px high, under 384
     assert draft.pixels.shape == exact.pixels.shape == (3, 384, 384)
     assert not np.array_equal(draft.pixels, exact.pixels)  # why it is off by default
     png = encode(scene(6, (1200, 900)), "PNG")

@@ -12,6 +12,7 @@ import pytest
 
 from blip_serve.host.disconnect import CallerGone, until_disconnected
 from blip_serve.model.batcher import Batcher, BatchObserver, CallDropped, QueueFull
+from support import virtual_time
 
 
 @dataclass
@@ -62,7 +63,7 @@ def test_answers_each_job_in_order():
         b = batcher(Model())
         return await b.submit([Job("a"), Job("b"), Job("c")], timeout_s=10)
 
-    assert asyncio.run(scenario()) == ["caption of a", "caption of b", "caption of c"]
+    assert virtual_time.run(scenario()) == ["caption of a", "caption of b", "caption of c"]
 
 
 def test_two_cohorts_of_four_merge_into_full_batches():
@@ -81,7 +82,7 @@ def test_two_cohorts_of_four_merge_into_full_batches():
             *(client(b, f"a{k}-", 0) for k in range(4)), *(client(b, f"b{k}-", 0.025) for k in range(4))
         )
 
-    asyncio.run(scenario())
+    virtual_time.run(scenario())
     steady = [len(batch) for batch in model.batches[3:-3]]
     assert sum(steady) / len(steady) >= 7.2, model.batches
 
@@ -98,7 +99,7 @@ def test_a_lone_request_after_a_burst_starts_at_once():
         await asyncio.sleep(0.3)  # idle for a while
         return await b.submit([Job("lone")], timeout_s=30)
 
-    assert asyncio.run(scenario()) == ["caption of lone"]
+    assert virtual_time.run(scenario()) == ["caption of lone"]
     burst_waits = [w for batch in observer.waits[:-1] for w in batch]
     lone_wait = observer.waits[-1][0]
     assert model.batches[-1] == ["lone"]
@@ -117,7 +118,7 @@ def test_a_big_request_takes_turns_with_single_ones():
         await big
         return singles
 
-    assert asyncio.run(scenario()) == [[f"caption of single{k}"] for k in range(4)]
+    assert virtual_time.run(scenario()) == [[f"caption of single{k}"] for k in range(4)]
     assert model.batches[0] == [f"big{i}" for i in range(8)]
     assert {f"single{k}" for k in range(4)} <= set(model.batches[1])  # not behind the other 24
     assert sorted(name for batch in model.batches for name in batch if name.startswith("big")) == sorted(
@@ -144,7 +145,7 @@ def test_cost_counts_beams_and_tokens():
         await asyncio.gather(*(ordinary(b, k) for k in range(4)))
         heavy.cancel()
 
-    asyncio.run(scenario())
+    virtual_time.run(scenario())
     last_light = max(i for i, batch in enumerate(model.batches) if batch[0].startswith("light"))
     heavy_batches = [batch for batch in model.batches[:last_light] if batch[0].startswith("heavy")]
     assert all(len(batch) == 1 for batch in heavy_batches)  # cost 400 each: alone, though 2 x 4 beams would fit
@@ -167,7 +168,7 @@ def test_a_cancelled_call_never_reaches_the_model():
         gone.cancel()
         await asyncio.gather(first, last)
 
-    asyncio.run(scenario())
+    virtual_time.run(scenario())
     assert model.batches == [["first"], ["last"]]
     assert observer.drops == {"cancelled": 2}
 
@@ -184,7 +185,7 @@ def test_a_call_past_its_deadline_is_dropped_before_the_model():
             await b.submit([Job("late")], timeout_s=0.05)
         await first
 
-    asyncio.run(scenario())
+    virtual_time.run(scenario())
     assert model.batches == [["first"]]
     assert observer.drops == {"deadline": 1}
 
@@ -205,7 +206,7 @@ def test_admission_counts_images_and_refuses_a_call_whole():
         await asyncio.gather(running, queued)
         return fits
 
-    assert asyncio.run(scenario()) == ["caption of d0", "caption of d1"]
+    assert virtual_time.run(scenario()) == ["caption of d0", "caption of d1"]
     assert not any(name.startswith("c") for batch in model.batches for name in batch)
     assert observer.drops == {"refused": 3}
 
@@ -230,7 +231,7 @@ def test_a_caller_that_hangs_up_cancels_its_call():
         with pytest.raises(CallerGone):
             await until_disconnected(Request(), slow_call())
 
-    asyncio.run(scenario())
+    virtual_time.run(scenario())
     assert cancelled == [True]
 
 
@@ -242,5 +243,5 @@ def test_the_batch_cost_bound_still_fills_ordinary_batches():
         await b.submit([Job(f"big{i}") for i in range(16)], timeout_s=10)  # 20 tokens each
         await b.submit([Job(f"long{i}", max_new_tokens=40) for i in range(8)], timeout_s=10)
 
-    asyncio.run(scenario())
+    virtual_time.run(scenario())
     assert [len(batch) for batch in model.batches] == [8, 8, 4, 4]  # 40-token captions: 4 a batch
