@@ -38,6 +38,7 @@ from blip_serve.api.http import JsonErrors, RequestGuard, RequestLog, install_er
 from blip_serve.api.model_client import model_service_ready, send_jobs
 from blip_serve.api.openai_api import (
     chat_completions_body,
+    chat_options,
     completion,
     completion_chunks,
     model_list,
@@ -45,8 +46,7 @@ from blip_serve.api.openai_api import (
 )
 from blip_serve.api.text_limits import TextLimits
 from blip_serve.api.uploads import CaptionOptions, UploadReader, caption_bodies, captions_body
-from blip_serve.decoding.child import DecodeConfig
-from blip_serve.decoding.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec, return_freed_memory_to_os
+from blip_serve.decoding.images import PreparedImage, ResizeSpec, return_freed_memory_to_os
 from blip_serve.decoding.pool import Decoders
 from blip_serve.host import home_lock, patches
 from blip_serve.host.disconnect import CallerGone, until_disconnected
@@ -237,24 +237,7 @@ class CaptionAPI:
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
         # model and to small uploads, which have their own processes.
-        resize = ResizeSpec.from_model_dir(files)
-        cores = len(os.sched_getaffinity(0))
-        self.decoders = Decoders(
-            DecodeConfig(
-                max_pixels=settings.max_image_pixels,
-                max_side=settings.max_image_side,
-                width=resize.width,
-                height=resize.height,
-                resample=int(resize.resample),
-                jpeg_draft=settings.jpeg_draft,
-                cpu_s=settings.decode_cpu_s,
-                memory_mb=settings.decode_memory_mb,
-                large_pixels=LARGE_IMAGE_PIXELS,
-                device_jpegs=settings.gpu_decode,
-            ),
-            small=settings.decode_processes or cores,
-            large=settings.max_concurrent_decodes or max(1, cores // 2),
-        )
+        self.decoders = Decoders.for_settings(settings, ResizeSpec.from_model_dir(files))
         return_freed_memory_to_os()  # request bodies go back to the OS once answered
         # On SIGTERM: /readyz 503 for BLIP_DRAIN_S, then exit once the caption requests are answered.
         self.drain = Drain(
@@ -327,7 +310,7 @@ class CaptionAPI:
             lambda body: read_chat_request(body, self.model_id, bool(FETCH_HOSTS)),
             "a chat completions request",
         )
-        options = self.uploads.chat_options(call.prompt, call.max_new_tokens)
+        options = chat_options(self.uploads, call)
         # A fetched image is read into this worker like an upload: it counts in the reading budget.
         with reading_more(request, 0 if call.image is not None else settings.max_upload_bytes):
             data = call.image

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blip_serve.api.uploads import decode_base64_image
+from blip_serve.api.uploads import CaptionOptions, UploadReader, decode_base64_image
 from blip_serve.shared.errors import BadRequest, NotFound
 
 if TYPE_CHECKING:
@@ -38,6 +38,18 @@ class ChatCall:
     max_new_tokens: int | None
     stream: bool
     include_usage: bool
+
+
+# The caption options a chat request carries, by the names its client knows them by.
+CHAT_LABELS = {"prompt": "the text", "max_new_tokens": "'max_tokens'"}
+CHAT_PARAMS = {"prompt": "messages", "max_new_tokens": "max_tokens"}
+
+
+def chat_options(reader: UploadReader, call: ChatCall) -> CaptionOptions:
+    """The options of a chat completion, checked as /caption's are (one options model); a refusal
+    names the chat parameter (max_tokens, or messages for the prompt)."""
+    values = {"prompt": call.prompt, "max_new_tokens": call.max_new_tokens}
+    return reader.caption_options(values, labels=CHAT_LABELS, params=CHAT_PARAMS)
 
 
 def refuse(message: str, param: str) -> BadRequest:

@@ -47,9 +47,12 @@ class CaptionOptions:
     num_beams: int
 
 
-def option_errors(errors: list[dict]) -> str:
-    """pydantic's errors for the options -> "'field': what is wrong", one per bad field."""
-    return "; ".join(f"'{'.'.join(map(str, error['loc']))}': {error['msg']}" for error in errors)
+def option_errors(errors: list[dict], labels: dict[str, str] | None = None) -> str:
+    """pydantic's errors for the options -> "'field': what is wrong", one per bad field; `labels`
+    names a field as the client knows it (the OpenAI routes: 'max_tokens')."""
+    labels = labels or {}
+    named = ((".".join(map(str, error["loc"])), error["msg"]) for error in errors)
+    return "; ".join(f"{labels.get(field, repr(field))}: {message}" for field, message in named)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def options_model(settings: Settings, max_new_tokens_limit: int) -> type[BaseMod
 
     class CaptionOptionFields(BaseModel):
         model_config = ConfigDict(extra="ignore")
-        prompt: str | None = Field(None, max_length=settings.max_prompt_chars)
+        prompt: str | None = Field(None, max_length=settings.max_prompt_chars, description="text BLIP continues")
         max_new_tokens: int | None = Field(None, ge=1, le=max_new_tokens_limit)
         num_beams: int | None = Field(None, ge=1, le=settings.max_beams)
 
@@ -78,13 +81,18 @@ class UploadReader:
         self.options = options_model(settings, max_new_tokens_limit)
         self.parsing = asyncio.Lock()  # JSON bodies are parsed one at a time (in_turn)
 
-    def caption_options(self, values: dict) -> CaptionOptions:
+    def caption_options(
+        self, values: dict, labels: dict[str, str] | None = None, params: dict[str, str] | None = None
+    ) -> CaptionOptions:
+        """The options in `values`, or a 400 naming the field: by `labels` in the message and
+        `params` in the error's param, where the client knows the fields by other names."""
         present = {name: value for name, value in values.items() if value not in (None, "")}
         try:
             fields = self.options.model_validate(present)
         except ValidationError as exc:
             errors = exc.errors()
-            raise BadRequest(option_errors(errors), param=str(errors[0]["loc"][0])) from None
+            field = str(errors[0]["loc"][0])
+            raise BadRequest(option_errors(errors, labels), param=(params or {}).get(field, field)) from None
         return CaptionOptions(
             prompt=(fields.prompt or "").strip() or None,
             max_new_tokens=fields.max_new_tokens or self.settings.max_new_tokens,
@@ -148,16 +156,6 @@ class UploadReader:
         async with self.parsing:
             return await asyncio.to_thread(parse, body)
 
-    def chat_options(self, prompt: str | None, max_new_tokens: int | None) -> CaptionOptions:
-        """The options of a chat completion, checked as /caption's are; a refusal names the
-        chat parameter (max_tokens, or messages for the prompt)."""
-        try:
-            return self.caption_options({"prompt": prompt, "max_new_tokens": max_new_tokens})
-        except BadRequest as exc:
-            param = {"max_new_tokens": "max_tokens", "prompt": "messages"}[exc.param]
-            message = exc.message.replace("'max_new_tokens'", "'max_tokens'").replace("'prompt'", "the text")
-            raise BadRequest(message, param=param) from None
-
 
 # A JSON body holds at most this many values (a count of `,`, `[` and `{`, which bounds them). A
 # chat request has a few messages and parts; without it, 14 MB of `[],[],...` made 250 MB of Python
@@ -209,11 +207,15 @@ def decode_base64_image(text: str) -> bytes:
 
 
 def option_schemas(settings: Settings) -> dict:
-    return {
-        "prompt": {"type": "string", "maxLength": settings.max_prompt_chars, "description": "text BLIP continues"},
-        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit},
-        "num_beams": {"type": "integer", "minimum": 1, "maximum": settings.max_beams},
-    }
+    """The options' OpenAPI schemas, from the model that validates them (options_model): each
+    field as a client sends it (a field left out takes its default). /docs.json sets the token
+    limit to the one TextLimits enforces once the model is loaded (docs.set_token_limit)."""
+    fields = options_model(settings, settings.max_new_tokens_limit).model_json_schema()["properties"]
+    schemas = {}
+    for name, field in fields.items():
+        sent = next(branch for branch in field["anyOf"] if branch.get("type") != "null")  # X | None
+        schemas[name] = {**sent, **({"description": field["description"]} if "description" in field else {})}
+    return schemas
 
 
 def caption_bodies(settings: Settings) -> dict:

@@ -24,13 +24,17 @@ import signal
 import sys
 from collections import Counter
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blip_serve.decoding.child import FRAME, DecodeConfig
-from blip_serve.decoding.images import PreparedImage
+from blip_serve.decoding.images import LARGE_IMAGE_PIXELS, PreparedImage, ResizeSpec
 from blip_serve.formats import ACCEPTED_TEXT
 from blip_serve.shared.errors import ClientError, PayloadTooLarge, ServiceError, Unavailable, UnsupportedImage
+
+if TYPE_CHECKING:
+    from blip_serve.shared.settings import Settings
 
 logger = logging.getLogger("bentoml.blip_serve")
 
@@ -230,6 +234,27 @@ class Decoders:
     def __init__(self, config: DecodeConfig, small: int, large: int):
         self.small = DecodePool(small, config)
         self.large = DecodePool(large, DecodeConfig(**{**asdict(config), "idle_priority": True}))
+
+    @classmethod
+    def for_settings(cls, settings: Settings, resize: ResizeSpec) -> Decoders:
+        """The pools BLIP_DECODE_PROCESSES and BLIP_MAX_CONCURRENT_DECODES ask for (by default, a
+        process per core for small images and one per two cores for large ones), decoding to the
+        model's input size `resize` within the BLIP_* limits and budgets."""
+        config = DecodeConfig(
+            max_pixels=settings.max_image_pixels,
+            max_side=settings.max_image_side,
+            width=resize.width,
+            height=resize.height,
+            resample=int(resize.resample),
+            jpeg_draft=settings.jpeg_draft,
+            cpu_s=settings.decode_cpu_s,
+            memory_mb=settings.decode_memory_mb,
+            large_pixels=LARGE_IMAGE_PIXELS,
+            device_jpegs=settings.gpu_decode,
+        )
+        cores = len(os.sched_getaffinity(0))
+        small = settings.decode_processes or cores
+        return cls(config, small=small, large=settings.max_concurrent_decodes or max(1, cores // 2))
 
     async def warm_up(self) -> None:
         await asyncio.gather(self.small.warm_up(), self.large.warm_up())

@@ -58,3 +58,18 @@ def test_a_waiter_that_hung_up_never_costs_the_pool_its_process():
 
     held, after, pool = asyncio.run(go())
     assert after is held and pool.waiting == [] and pool.idle == []
+
+
+def test_the_pools_follow_the_settings():
+    import os
+
+    from blip_serve.decoding.images import ResizeSpec
+    from blip_serve.shared.settings import Settings
+
+    settings = Settings(decode_processes=3, max_concurrent_decodes=0, decode_memory_mb=300, max_image_side=5000)
+    decoders = Decoders.for_settings(settings, ResizeSpec(width=224, height=160))
+    cores = len(os.sched_getaffinity(0))
+    assert (len(decoders.small.idle), len(decoders.large.idle)) == (3, max(1, cores // 2))
+    small, large = decoders.small.config, decoders.large.config
+    assert (small.width, small.height, small.memory_mb, small.max_side) == (224, 160, 300, 5000)
+    assert not small.idle_priority and large.idle_priority  # large images yield the cores
