@@ -214,8 +214,13 @@ def api_memory(server) -> int:
     return sum(p.memory_info().rss for p in [worker, *worker.children(recursive=True)])
 
 
+# A client that reuses a connection the server is closing for idleness (after TIMEOUT_S) can
+# send into the close and get no answer; as clients should, these let idle connections go first.
+CLIENT_LIMITS = httpx.Limits(keepalive_expiry=TIMEOUT_S / 2)
+
+
 async def normal_traffic(url: str, count: int, concurrency: int) -> list[tuple[int, float]]:
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, limits=CLIENT_LIMITS) as client:
         slots = asyncio.Semaphore(concurrency)
 
         async def one() -> tuple[int, float]:
@@ -228,7 +233,7 @@ async def normal_traffic(url: str, count: int, concurrency: int) -> list[tuple[i
 
 
 async def bombs(url: str, uploads: list[bytes], rounds: int) -> list[int]:
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, limits=CLIENT_LIMITS) as client:
         statuses = []
         for _ in range(rounds):
             answers = await asyncio.gather(
@@ -299,7 +304,7 @@ HOSTILE_CLASSES = {
 
 async def hostile_uploads(url: str, rounds: int) -> list[tuple[str, int, float]]:
     """Every class at once, `rounds` times: (class, status, seconds)."""
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, limits=CLIENT_LIMITS) as client:
 
         async def one(name: str, data: bytes) -> tuple[str, int, float]:
             started = time.perf_counter()
@@ -347,7 +352,7 @@ def test_a_captions_request_of_heavy_images_does_not_hold_every_decode(strict_se
     heavy = [("file", (f"h{i}.png", hostile.flat_png("RGBA", 6_324))) for i in range(6)]
 
     async def both():
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, limits=CLIENT_LIMITS) as client:
             batch = asyncio.create_task(client.post(f"{url}/captions", files=heavy))
             await asyncio.sleep(1.0)
             small = await normal_traffic(url, 10, 1)
@@ -368,7 +373,9 @@ def test_memory_goes_back_after_a_burst_of_captions_requests(strict_server):
     fresh = api_memory(strict_server)
 
     async def burst():
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        async with httpx.AsyncClient(
+            timeout=120, limits=httpx.Limits(max_connections=100, keepalive_expiry=TIMEOUT_S / 2)
+        ) as client:
             answers = await asyncio.gather(*(client.post(f"{url}/captions", files=photos) for _ in range(100)))
             return Counter(answer.status_code for answer in answers)
 
