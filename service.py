@@ -232,7 +232,6 @@ class CaptionAPI:
         self.uploads = UploadReader(settings, self.text_limits.max_new_tokens_limit)
         self.model_loaded = False
         self.model_workers: frozenset[int] = frozenset()  # the model workers' pids when it last answered
-        forget_dead_workers_gauges()  # a worker that died left its in-progress and queued counts
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
@@ -247,7 +246,7 @@ class CaptionAPI:
     @bentoml.on_startup
     def drain_on_sigterm(self) -> None:
         self.drain.install()
-        forget_dead_workers_gauges()  # a worker that died left its queued and in-batch counts
+        forget_dead_workers_gauges()  # a worker that died left its in-progress and queued counts
 
     @bentoml.on_startup
     async def start_decoders(self) -> None:
@@ -265,7 +264,7 @@ class CaptionAPI:
         if model_workers != self.model_workers:
             self.model_loaded = False
         if not self.model_loaded:
-            self.model_loaded = await model_service_ready(timeout_s=0.5)
+            self.model_loaded = await model_service_ready(BlipModelService.name, timeout_s=0.5)
             self.model_workers = model_workers
         return self.model_loaded
 

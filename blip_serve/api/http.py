@@ -82,6 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 BUSY_READING = "the server is busy reading other uploads; retry shortly"
+BUSY_HEADERS = {"Retry-After": "1"}
 READING_GUARD = "reading_guard"  # the request state key of the RequestGuard that admitted it
 
 
@@ -159,7 +160,7 @@ class RequestGuard:
         """`nbytes` more of the reading budget for the request in hand (an image it fetches), until
         the block ends; a 503 at once when that would go past the budget."""
         if self.reading_bytes + nbytes > self.max_reading_bytes:
-            raise ServiceError(BUSY_READING, headers={"Retry-After": "1"}, status_code=503)
+            raise ServiceError(BUSY_READING, headers=BUSY_HEADERS, status_code=503)
         self.reading_bytes += nbytes
         try:
             yield
@@ -172,7 +173,7 @@ class RequestGuard:
         if declared_bytes is not None and declared_bytes > max_bytes:
             return error_response(413, too_large(max_bytes), scope=scope)
         if self.reading_bytes and self.reading_bytes + (declared_bytes or 0) > self.max_reading_bytes:
-            return error_response(503, BUSY_READING, {"Retry-After": "1"}, scope)
+            return error_response(503, BUSY_READING, BUSY_HEADERS, scope)
         return None
 
     async def answer_in_time(self, scope: Scope, receive: Receive, send: Send, request: GuardedRequest) -> None:
@@ -206,6 +207,9 @@ class RequestGuard:
             await request.refusal(scope, receive, send)
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
+
+
 async def client_gone(scope: Scope, receive: Receive, send: Send) -> None:
     """Close a request whose client hung up with nginx's 499 (client closed request): nobody reads
     it, but every layer above sees the request end. BentoML's traffic timeout otherwise waits for an
@@ -214,9 +218,6 @@ async def client_gone(scope: Scope, receive: Receive, send: Send) -> None:
     await error_response(CLIENT_CLOSED, "the client closed the connection before the answer", scope=scope)(
         scope, receive, send
     )
-
-
-CLIENT_CLOSED = 499  # nginx's status for a request whose client went away
 
 
 class GuardedRequest:
@@ -272,7 +273,7 @@ class GuardedRequest:
     def take(self, chunk: bytes, done: bool) -> None:
         self.received += len(chunk)
         if self.guard is not None and not self.guard.count_received(len(chunk), self.received):
-            self.refusal = error_response(503, BUSY_READING, {"Retry-After": "1"}, self.scope)
+            self.refusal = error_response(503, BUSY_READING, BUSY_HEADERS, self.scope)
             raise BodyRefused()
         if self.closing is not None:  # did the body end with its closing boundary?
             self.tail = (self.tail + chunk)[-(len(self.closing) + 8) :]

@@ -9,7 +9,7 @@ import aiohttp
 import httpx
 from bentoml.exceptions import BentoMLException
 
-from blip_serve.host.runner import model_service_address, session_closed
+from blip_serve.host.runner import service_address, session_closed
 from blip_serve.shared.errors import Unavailable
 from blip_serve.shared.jobs import CaptionJob, CaptionResult
 
@@ -50,10 +50,10 @@ async def send_jobs(
     raise AssertionError("unreachable")
 
 
-async def model_service_ready(timeout_s: float) -> bool:
-    """Does BlipModelService answer its /readyz with 200 within `timeout_s`? Its address is a Unix
-    socket (file://...) or an http:// URL (host/runner.py)."""
-    address = model_service_address()
+async def model_service_ready(name: str, timeout_s: float) -> bool:
+    """Does the model service (`name`: BlipModelService) answer its /readyz with 200 within
+    `timeout_s`? Its address is a Unix socket (file://...) or an http:// URL (host/runner.py)."""
+    address = service_address(name)
     if not address:
         return True  # no address (a test calling the app in-process): BentoML's own check decides
     if address.startswith("file://"):

@@ -253,8 +253,11 @@ class Decoders:
             device_jpegs=settings.gpu_decode,
         )
         cores = len(os.sched_getaffinity(0))
-        small = settings.decode_processes or cores
-        return cls(config, small=small, large=settings.max_concurrent_decodes or max(1, cores // 2))
+        return cls(
+            config,
+            small=settings.decode_processes or cores,
+            large=settings.max_concurrent_decodes or max(1, cores // 2),
+        )
 
     async def warm_up(self) -> None:
         await asyncio.gather(self.small.warm_up(), self.large.warm_up())

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 
-MODEL_SERVICE = "BlipModelService"  # service.py's class name: BentoML's runner map is keyed by it
 
-
-def model_service_address() -> str | None:
-    """The model service's address in the runner map BentoML gives each worker (BENTOML_RUNNER_MAP):
-    a Unix socket (file://...) or an http:// URL; None outside `bentoml serve`."""
-    return json.loads(os.environ.get("BENTOML_RUNNER_MAP", "{}")).get(MODEL_SERVICE)
+def service_address(name: str) -> str | None:
+    """BentoML service `name`'s address in the runner map BentoML gives each worker
+    (BENTOML_RUNNER_MAP): a Unix socket (file://...) or an http:// URL; None outside `bentoml serve`."""
+    return json.loads(os.environ.get("BENTOML_RUNNER_MAP", "{}")).get(name)
 
 
 def session_closed(exc: BaseException) -> bool:

@@ -21,6 +21,15 @@ class Answer:
     body: dict
 
 
+def upload_form(data: bytes, fields: dict | None = None) -> aiohttp.FormData:
+    """A multipart body with the image as field `file`, and any other form `fields`."""
+    form = aiohttp.FormData()
+    form.add_field("file", data, filename="upload", content_type="application/octet-stream")
+    for name, value in (fields or {}).items():
+        form.add_field(name, value)
+    return form
+
+
 def post_concurrently(
     url: str, images: list[bytes], headers: dict | None = None, timeout_s: float = 120, fields: list[dict] | None = None
 ) -> list[Answer]:
@@ -31,11 +40,7 @@ def post_concurrently(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
             async def send(data: bytes, extra: dict) -> Answer:
-                form = aiohttp.FormData()
-                form.add_field("file", data, filename="upload", content_type="application/octet-stream")
-                for name, value in extra.items():
-                    form.add_field(name, value)
-                async with session.post(url, data=form, headers=headers or {}) as response:
+                async with session.post(url, data=upload_form(data, extra), headers=headers or {}) as response:
                     return Answer(response.status, response.headers.get("Retry-After"), await response.json())
 
             return await asyncio.gather(
@@ -56,9 +61,7 @@ def closed_loop(url: str, image: bytes, clients: int, total: int, timeout_s: flo
 
             async def client() -> None:
                 for _ in remaining:
-                    form = aiohttp.FormData()
-                    form.add_field("file", image, filename="upload", content_type="application/octet-stream")
-                    async with session.post(url, data=form) as response:
+                    async with session.post(url, data=upload_form(image)) as response:
                         await response.read()
                         statuses[response.status] += 1
 

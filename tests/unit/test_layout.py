@@ -42,14 +42,13 @@ def private_touches(path: Path) -> list[str]:
         and isinstance(node.body[0], ast.Expr)
     }
     for node in ast.walk(tree):
-        text = (
-            node.attr
-            if isinstance(node, ast.Attribute)
-            else node.value
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
-            else None
-        )
-        if text and any(name in text for name in (*PRIVATE_NAMES, "_bentoml_", "bentoml._internal")):
+        if isinstance(node, ast.Attribute):
+            text = node.attr
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value
+        else:
+            continue
+        if any(name in text for name in (*PRIVATE_NAMES, "_bentoml_", "bentoml._internal")):
             touches.append(text)
     return touches
 
