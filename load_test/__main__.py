@@ -120,6 +120,10 @@ def compare(args) -> None:
             {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}},
             out / "litserve.log",
         ),
+        "litserve-bf16": lambda: litserve_server(
+            {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}, "BLIP_BENCH_AUTOCAST": "bf16"},
+            out / "litserve-bf16.log",
+        ),
     }
     for name in args.servers:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
@@ -131,7 +135,7 @@ def compare(args) -> None:
     extra = {"settings": {k: v for k, v in vars(args).items() if k != "func"}}
     extra["ratios"] = [
         {"baseline": other, **r}
-        for other in ("baseline", "litserve")
+        for other in ("baseline", "litserve", "litserve-bf16")
         if {"blip-serve", other} <= set(args.servers)
         for r in ratios(steps, "blip-serve", other)
     ]
@@ -196,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         "--servers",
         nargs="+",
         default=["blip-serve", "baseline"],
-        choices=["blip-serve", "baseline", "litserve"],
-        help="baseline: per-request FastAPI + gunicorn; litserve: BLIP on LitServe with its batching",
+        choices=["blip-serve", "baseline", "litserve", "litserve-bf16"],
+        help="baseline: per-request FastAPI + gunicorn; litserve: BLIP on LitServe with its batching, fp32 as "
+        "its documentation writes it; litserve-bf16: the same under torch.autocast bf16 (what a user on an "
+        "AMX CPU writes)",
     )
     compare_parser.add_argument("--baseline-workers", type=int, default=2)
     compare_parser.add_argument(

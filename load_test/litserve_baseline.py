@@ -7,10 +7,14 @@ BLIP's own processor and `generate` in fp32 with transformers' default attention
 servers, not models:
 
     BLIP_MODEL=models/blip-base PORT=8000 python -m load_test.litserve_baseline
+
+With BLIP_BENCH_AUTOCAST=bf16, `generate` runs under `torch.autocast(..., dtype=torch.bfloat16)`:
+what a user on a CPU with AMX writes to use it (`load_test compare --servers litserve-bf16`).
 """
 
 # No `from __future__ import annotations`: LitServe compares decode_request's annotation with
 # fastapi.Request itself, and a string annotation would send it the unpicklable request object.
+import contextlib
 import io
 import os
 
@@ -23,6 +27,7 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 from blip_serve.shared.settings import load_settings
 
 settings = load_settings()
+AUTOCAST = os.environ.get("BLIP_BENCH_AUTOCAST", "") == "bf16"
 
 
 class BlipLitAPI(ls.LitAPI):
@@ -36,7 +41,10 @@ class BlipLitAPI(ls.LitAPI):
 
     def predict(self, images):
         inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-        with torch.inference_mode():
+        autocast = (
+            torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if AUTOCAST else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
             output = self.model.generate(
                 **inputs, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None
             )

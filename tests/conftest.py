@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -8,6 +9,10 @@ import pytest
 
 from tools.servers import ServerProcess, bento_server
 from tools.tiny_model import make_blip
+
+# Servers the tests start compile only where a test asks (test_compile.py): on a CPU with AMX,
+# BLIP_COMPILE=auto would compile every test server's model for a minute or more.
+os.environ.setdefault("BLIP_COMPILE", "off")
 
 SERVERS_STARTED: list[str] = []  # every server process a test started: reported at the end of the run
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from transformers.models.blip.modeling_blip import BlipAttention
 from blip_serve import __version__
 from blip_serve.model.compiled_generate import StaticCacheDecoder, unsupported_settings
 from blip_serve.model.device_images import DeviceJpegs, UndecodableJpeg
-from blip_serve.model.devices import pick_device, pick_precision, pick_torch_threads
+from blip_serve.model.devices import pick_compile, pick_device, pick_precision, pick_torch_threads
 from blip_serve.shared.jobs import CaptionJob, CaptionResult, group_jobs
 from blip_serve.shared.model_config import decoder_prompt, image_processor_config
 from blip_serve.shared.model_files import RANDOM_WEIGHTS
@@ -150,7 +151,11 @@ class BlipCaptioner:
         # threads, and CUDA graph trees are per thread: from a pool, BLIP_COMPILE re-recorded its
         # graphs on most calls (docs/performance.md).
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip-model")
-        self.compiled = self.thread.submit(self.compiled_decoder).result() if settings.compile else None
+        self.compiled, self.compiled_parts = None, []
+        if pick_compile(settings.compile, self.device, self.precision):
+            if settings.compile_cache:  # inductor reads it when it first caches: before any compile
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache
+            self.compiled = self.thread.submit(self.compile_model).result()
         self.attention = settings.attention
         self.random_weights = (Path(model_dir) / RANDOM_WEIGHTS).exists()
         logger.info(
@@ -164,7 +169,7 @@ class BlipCaptioner:
             settings.attention,
             self.threads,
             worker,
-            self.compiled is not None,
+            "+".join(self.compiled_parts) or "no",
             settings.max_batch_size,
         )
 
@@ -174,26 +179,51 @@ class BlipCaptioner:
             "device": self.device,
             "precision": self.precision,
             "attention": self.attention,
-            "compiled": self.compiled is not None,
+            "compiled": bool(self.compiled_parts),
+            "compiled_parts": self.compiled_parts,
             "jpeg_decoder": self.device_jpegs.decoder if self.device_jpegs else "api",
             "torch_threads": self.threads,
             "random_weights": self.random_weights,
         }
 
-    def compiled_decoder(self) -> StaticCacheDecoder | None:
-        """BLIP_COMPILE's decoder, compiled now (before /readyz turns 200) for one image and for a batch:
-        the first compilation takes from tens of seconds to minutes."""
-        unsupported = unsupported_settings(self.model)
-        if unsupported:
-            logger.warning("BLIP_COMPILE ignored: the model's generation config sets %s", ", ".join(unsupported))
-            return None
-        decoder = StaticCacheDecoder(self.model, self.device)
+    def compile_model(self) -> StaticCacheDecoder | None:
+        """BLIP_COMPILE, before /readyz turns 200: on a CPU the vision tower (inductor with freezing:
+        weights folded in and pre-packed for the CPU's matrix kernels), and the decoder step. Each
+        is compiled once for a batch of one and once for any larger batch (the batch dimension is
+        symbolic), so no batch the batcher forms compiles again. Inductor's cache
+        (BLIP_COMPILE_CACHE) keeps the generated kernels: a restart reuses them."""
+        from torch._dynamo.utils import counters
+
         started = time.monotonic()
+        if self.device == "cpu":
+            self.model.vision_model.compile(dynamic=True, options={"freezing": True})
+            self.compiled_parts.append("vision")
+        unsupported = unsupported_settings(self.model)
+        decoder = None
+        if unsupported:
+            logger.warning(
+                "BLIP_COMPILE: the decoder is not compiled: the model's generation config sets %s",
+                ", ".join(unsupported),
+            )
+        else:
+            decoder = StaticCacheDecoder(self.model, self.device)
+            self.compiled_parts.append("decoder")
         blank = np.zeros(self.pixel_shape, dtype=np.uint8)
-        for batch in (1, 2):
-            pixels = self.normalize(np.stack([blank] * batch)).to(self.input_dtype)
-            decoder.generate(pixels, None, max_new_tokens=3, min_new_tokens=3)
-        logger.info("BLIP_COMPILE: decode step compiled in %.0f s", time.monotonic() - started)
+        with torch.inference_mode():
+            for batch in (1, 2):
+                pixels = self.normalize(np.stack([blank] * batch)).to(self.input_dtype)
+                if decoder is not None:
+                    decoder.generate(pixels, None, max_new_tokens=3, min_new_tokens=3)
+                else:
+                    self.model.vision_model(pixel_values=pixels)
+        cache = counters["inductor"]
+        logger.info(
+            "BLIP_COMPILE: compiled in %.0f s (%d of %d graphs from the cache in %s)",
+            time.monotonic() - started,
+            cache["fxgraph_cache_hit"],
+            cache["fxgraph_cache_hit"] + cache["fxgraph_cache_miss"],
+            os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder"),
+        )
         return decoder
 
     def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:

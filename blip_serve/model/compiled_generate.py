@@ -7,7 +7,8 @@ every later token runs one `torch.compile`d step over those buffers: fused kerne
 replayed CUDA graph per batch size on a GPU. Greedy search only, with `generate`'s rules (min new
 tokens, stop at [SEP], pad after it); beam search and generation configs that add logits processors
 go through `generate`. The step sums over the padded cache, so its floats differ from `generate`'s
-in the last bits and a near-tie can pick another token: it is off by default (README: figures).
+in the last bits and a near-tie can pick another token: BLIP_COMPILE=auto leaves the exact fp32 path
+to `generate` (README: figures).
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ class StaticCacheDecoder:
             use_cache=True,
         )
         length = -(-(start + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
-        rows = 1 << (batch - 1).bit_length()  # batches run padded to a power of two: few cache shapes
+        # Batches run padded to a power of two, at least 2: few cache shapes, and one compiled step
+        # (a dimension of 1 would be compiled apart).
+        rows = max(2, 1 << (batch - 1).bit_length())
         self_keys, self_values, cross_keys, cross_values = self.cache_buffers(rows, length, cache)
         for layer, keys, values in zip(cache.self_attention_cache.layers, self_keys, self_values):
             keys[:batch, :, :start] = layer.keys

@@ -11,7 +11,7 @@ import difflib
 import os
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
@@ -26,10 +26,13 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "hybrid", "fp16"] = "auto"
     attention: Literal["sdpa", "eager"] = "sdpa"
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: one per core the model process may use
-    compile: bool = False  # greedy decoding through a static KV cache and a compiled step (compiled_generate.py)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the decoder step (and on a CPU the vision tower)
+    compile_cache: str = ""  # a directory for torch.compile's artifacts, kept across restarts; empty: torch's default
     api_workers: int = Field(1, ge=1, le=256)  # API service processes (decode + resize)
     model_workers: int = Field(1, ge=1, le=64)  # model processes: one per GPU; on a CPU they split the cores
-    max_batch_size: int = Field(8, ge=1, le=4096)  # sequences (images x beams) in one generate
+    max_batch_size: int = Field(
+        16, ge=1, le=4096
+    )  # sequences (images x beams) in one generate; 16 measured best on CPUs
     max_queued_images: int = Field(0, ge=0)  # waiting for the model; 0: 8 x max_batch_size, at least a /captions
 
     # What a request may ask for
@@ -67,6 +70,15 @@ class Settings(BaseSettings):
 
     api_key: str = ""  # empty: the caption routes are open
     tracing: bool = False  # BentoML's OpenTelemetry middleware retains spans: off unless asked
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def compile_as_switch(cls, value):
+        """BLIP_COMPILE=true/false (its values before `auto`) still mean on/off."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        words = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+        return words.get(str(value).strip().lower(), value)
 
     def fetch_hosts(self) -> frozenset[str]:
         return frozenset(host.strip().lower() for host in self.fetch_url_hosts.split(",") if host.strip())

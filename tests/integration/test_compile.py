@@ -1,8 +1,10 @@
 """BLIP_COMPILE: the static-cache greedy decoder gives generate's tokens (tiny model, fp32), in
-process with the step uncompiled, and compiled through the real server."""
+process with the step uncompiled; compiled (vision tower and step) through the real server; and a
+restart reads its compiled kernels from BLIP_COMPILE_CACHE."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -65,19 +67,36 @@ def test_a_generation_config_with_other_rules_keeps_generate(captioner):
         config.repetition_penalty = 1.0
 
 
-@pytest.mark.slow  # starts the real server and compiles the step (about a minute on 2 cores)
-def test_compiled_server_captions_equal_the_reference(tiny_model_dir, reference, tmp_path):
-    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_PRECISION": "fp32", "BLIP_COMPILE": "1"}
+@pytest.mark.slow  # starts the real server twice and compiles (about 80 s, then 30 s, on 2 cores)
+def test_compiled_server_captions_equal_the_reference_and_a_restart_reads_the_cache(
+    tiny_model_dir, reference, tmp_path
+):
+    cache = tmp_path / "compile-cache"
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_PRECISION": "fp32",
+        "BLIP_COMPILE": "on",
+        "BLIP_COMPILE_CACHE": str(cache),
+    }
     images = [encode(scene(1100 + i), "PNG") for i in range(24)]
-    with bento_server(env, tmp_path / "bentoml.log") as server:
+    with bento_server(env, tmp_path / "first.log") as server:
         answers = post_concurrently(f"{server.url}/caption", images)
         prompted = post_caption(
             server, files={"file": images[0]}, data={"prompt": "a picture of", "max_new_tokens": "12"}
         )
         beams = post_caption(server, files={"file": images[1]}, data={"num_beams": "2"})  # generate's own path
-        log = server.log_text()
-    assert "decode step compiled" in log
+        info = httpx.get(f"{server.url}/info").json()
+        first_log = server.log_text()
+    assert "BLIP_COMPILE: compiled in" in first_log and "(0 of 3 graphs from the cache" in first_log
+    assert info["compiled_parts"] == ["vision", "decoder"]
     assert [a.status for a in answers] == [200] * len(images)
     assert [a.body["caption"] for a in answers] == [reference.caption(d) for d in images]
     assert prompted.json() == {"caption": reference.caption(images[0], prompt="a picture of", max_new_tokens=12)}
     assert beams.json() == {"caption": reference.caption(images[1], num_beams=2)}
+    assert any(cache.iterdir())  # the kernels went where BLIP_COMPILE_CACHE says
+
+    with bento_server(env, tmp_path / "second.log") as server:
+        again = post_concurrently(f"{server.url}/caption", images[:8])
+        second_log = server.log_text()
+    assert "(3 of 3 graphs from the cache" in second_log
+    assert [a.body["caption"] for a in again] == [reference.caption(d) for d in images[:8]]

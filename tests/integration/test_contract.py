@@ -169,7 +169,7 @@ def test_info_says_what_is_served(server, tiny_model_dir):
     assert info["name"] == "blip-serve" and info["version"] == __version__
     assert info["model"] == tiny_model_dir and info["random_weights"] is True
     assert (info["device"], info["precision"], info["compiled"]) == ("cpu", "fp32", False)
-    assert info["max_batch_size"] == 8 and info["max_queued_images"] == 64 and info["max_files_per_request"] == 32
+    assert info["max_batch_size"] == 16 and info["max_queued_images"] == 128 and info["max_files_per_request"] == 32
     log = server.log_text()
     assert (
         f"blip-serve {__version__}: BLIP loaded from {tiny_model_dir} (RANDOM WEIGHTS: gibberish captions) on cpu"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from blip_serve.model.devices import pick_precision
+from blip_serve.model.devices import pick_compile, pick_precision
 from blip_serve.shared.settings import BadSetting, Settings, load_settings
 from tools.servers import REPO
 
@@ -104,6 +104,26 @@ def test_each_model_worker_gets_its_own_gpu_or_a_share_of_the_cores(monkeypatch)
 def test_auto_precision_is_fp16_on_cuda():
     assert pick_precision("auto", "cuda:1") == "fp16"
     assert pick_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("auto", "auto"), ("on", "on"), ("true", "on"), ("1", "on"), ("False", "off"), ("0", "off")]
+)
+def test_compile_is_auto_on_or_off_and_takes_its_old_true_false(value, expected):
+    assert load_settings({"BLIP_COMPILE": value}).compile == expected
+
+
+def test_a_bad_compile_value_names_what_is_allowed():
+    with pytest.raises(BadSetting, match="BLIP_COMPILE='sometimes': must be one of auto, on or off"):
+        load_settings({"BLIP_COMPILE": "sometimes"})
+
+
+def test_auto_compiles_wherever_the_precision_is_not_the_exact_fp32():
+    assert pick_compile("auto", "cpu", "fp32") is False  # the exact path, and too little gain on a CPU
+    assert pick_compile("auto", "cuda:0", "fp32") is False
+    assert pick_compile("auto", "cuda:0", "fp16") is True
+    assert pick_compile("auto", "cpu", "hybrid") is True  # AMX
+    assert pick_compile("on", "cpu", "fp32") is True and pick_compile("off", "cuda:0", "fp16") is False
 
 
 @pytest.mark.parametrize(
