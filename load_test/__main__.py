@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from blip_serve.shared.settings import load_settings
 from load_test.load_generator import StepReport, run_step
 from load_test.report import ratios, table, write_all
 from tools.sample_images import load_images
@@ -66,7 +67,7 @@ def measure_ceiling(args) -> list[dict]:
         str(args.tokens),
         "--batch-size",
         "1",
-        extra.get("BLIP_MAX_BATCH_SIZE", "8"),
+        extra.get("BLIP_MAX_BATCH_SIZE", str(load_settings({}).max_batch_size)),
         "--json",
         str(out),
     ]

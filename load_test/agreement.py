@@ -35,6 +35,8 @@ def captions(model: str, variant: str, jobs, batch_size: int) -> tuple[list[str]
 def token_agreement(left: str, right: str) -> tuple[int, int]:
     """Leading words that agree, and the longer caption's words."""
     a, b = left.split(), right.split()
+    if a == b:  # an empty caption equal to an empty caption agrees in full
+        return max(len(a), 1), max(len(a), 1)
     same = 0
     for x, y in zip(a, b):
         if x != y:
