@@ -186,6 +186,7 @@ class ServerInfo(BaseModel):
     precision: str
     attention: str
     compiled: bool
+    compiled_parts: list[str]  # BLIP_COMPILE: "vision" (CPU), "decoder"
     jpeg_decoder: str  # "api": decoded by the API service; "nvjpeg" or "pillow": by the model (BLIP_GPU_DECODE)
     torch_threads: int
     max_batch_size: int

@@ -60,8 +60,9 @@ if [ $gpu_decode = 1 ] && fits ceiling-compiled 100; then
         --model "$model" --tokens 20 --batch-size 64 --repeats 4 --json "$out/ceiling-compiled.jsonl" \
         || echo "== ceiling-compiled ended with status $?"
 fi
-part eager 100 --ceiling $served --bento-env $gpu
-[ $gpu_decode = 1 ] && part eager-gpudecode 60 $served --bento-env $gpu BLIP_GPU_DECODE=1
+# BLIP_COMPILE=auto compiles in fp16: the eager parts say off.
+part eager 100 --ceiling $served --bento-env $gpu BLIP_COMPILE=off
+[ $gpu_decode = 1 ] && part eager-gpudecode 60 $served --bento-env $gpu BLIP_COMPILE=off BLIP_GPU_DECODE=1
 part baseline 50 --servers baseline --baseline-workers 4 --concurrency 128 --requests 384 --warmup 64
 part compile 110 $served --bento-env $gpu BLIP_COMPILE=1
 [ $gpu_decode = 1 ] && part phone-gpudecode 90 --servers blip-serve --image-size 4032x3024 --concurrency 128 \
