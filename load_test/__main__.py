@@ -41,8 +41,23 @@ def sweep(name: str, url: str, images, args, cpu_seconds=None) -> list[StepRepor
     for concurrency in args.concurrency:
         total = max(args.requests, concurrency * args.rounds)
         steps.append(
-            asyncio.run(run_step(name, url, images, "closed", concurrency, total, 0, headers, cpu_seconds=cpu_seconds))
+            asyncio.run(
+                run_step(
+                    name,
+                    url,
+                    images,
+                    "closed",
+                    concurrency,
+                    total,
+                    0,
+                    headers,
+                    cpu_seconds=cpu_seconds,
+                    mixed=args.mixed,
+                )
+            )
         )
+        if args.mixed:
+            steps[-1].mode = "mixed"  # its own rows in the table, and its own ratios
         print(table(steps[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     for rate in args.rate:
         steps.append(
@@ -180,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         help="generated JPEGs' size, e.g. 1920x1080 or 4032x3024 (a 12 MP phone photo)",
     )
     common.add_argument("--api-key", help="sent as Authorization: Bearer <key>")
+    common.add_argument(
+        "--mixed",
+        action="store_true",
+        help="closed loop: each client its own max_new_tokens (12-26) and prompt (load_generator.mixed_fields)",
+    )
     common.add_argument("--out", default="results", help="folder for results.json/.csv/.png")
     commands = parser.add_subparsers(required=True)
 

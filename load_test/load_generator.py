@@ -50,10 +50,27 @@ class StepReport:
         return {k: v for k, v in self.__dict__.items()}
 
 
-async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, bytes], headers: dict) -> TimedResponse:
+# --mixed: each client its own caption length and prompt, as different apps and SDK users send.
+MIXED_PROMPTS = ["a picture of", "a photo of", "an image of", "there is", "this is", "a view of", "a close up of", ""]
+
+
+def mixed_fields(client: int) -> dict[str, str]:
+    """Client `client`'s options under --mixed: 8 distinct max_new_tokens (12, 14, ... 26; 19 on
+    average) and 8 prompts (one of them none)."""
+    fields = {"max_new_tokens": str(12 + 2 * (client % 8))}
+    if MIXED_PROMPTS[client % 8]:
+        fields["prompt"] = MIXED_PROMPTS[client % 8]
+    return fields
+
+
+async def send_one(
+    session: aiohttp.ClientSession, url: str, image: tuple[str, bytes], headers: dict, fields: dict | None = None
+) -> TimedResponse:
     name, data = image
     form = aiohttp.FormData()
     form.add_field("file", data, filename=name, content_type="application/octet-stream")
+    for key, value in (fields or {}).items():
+        form.add_field(key, value)
     started = time.perf_counter()
     try:
         async with session.post(url, data=form, headers=headers) as response:
@@ -67,19 +84,20 @@ async def send_one(session: aiohttp.ClientSession, url: str, image: tuple[str, b
 
 
 async def closed_loop(
-    session, url, images, concurrency: int, total: int, headers: dict, progress=None
+    session, url, images, concurrency: int, total: int, headers: dict, progress=None, mixed: bool = False
 ) -> list[TimedResponse]:
     outcomes: list[TimedResponse] = []
     counter = itertools.count()
     image_cycle = itertools.cycle(images)
 
-    async def client() -> None:
+    async def client(number: int) -> None:
+        fields = mixed_fields(number) if mixed else None
         while next(counter) < total:
-            outcomes.append(await send_one(session, url, next(image_cycle), headers))
+            outcomes.append(await send_one(session, url, next(image_cycle), headers, fields))
             if progress:
                 progress.update()
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(number) for number in range(concurrency)))
     return outcomes
 
 
@@ -148,6 +166,7 @@ async def run_step(
     timeout_s: float = 600,
     show_progress: bool = True,
     cpu_seconds=None,
+    mixed: bool = False,
 ) -> StepReport:
     """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`.
     `cpu_seconds`: a function giving the server's CPU so far ({"total": s, "api": s, ...}), read
@@ -166,7 +185,7 @@ async def run_step(
         with tqdm(total=total, desc=label, leave=False, disable=None if show_progress else True) as progress:
             started = time.perf_counter()
             if mode == "closed":
-                outcomes = await closed_loop(session, url, images, int(load), total, headers, progress)
+                outcomes = await closed_loop(session, url, images, int(load), total, headers, progress, mixed)
             else:
                 outcomes = await open_loop(session, url, images, load, total, headers, progress=progress)
             duration = time.perf_counter() - started

@@ -76,8 +76,10 @@ def plot(steps: list[StepReport], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     # Closed-loop steps only: open-loop rates are in the table, JSON and CSV.
-    for server in dict.fromkeys(s.server for s in steps if s.mode == "closed"):
-        points = sorted((s.load, s.throughput, s.p95_s) for s in steps if s.server == server and s.mode == "closed")
+    for server in dict.fromkeys(s.server for s in steps if s.mode in ("closed", "mixed")):
+        points = sorted(
+            (s.load, s.throughput, s.p95_s) for s in steps if s.server == server and s.mode in ("closed", "mixed")
+        )
         loads, throughput, p95 = zip(*points)
         left.plot(loads, throughput, marker="o", label=server)
         right.plot(loads, p95, marker="o", label=server)
@@ -86,7 +88,7 @@ def plot(steps: list[StepReport], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")  # 1, 4, 8, 16 and 0.5, 10: not 2^k or 3x10^1
-    loads = sorted({s.load for s in steps if s.mode == "closed"})
+    loads = sorted({s.load for s in steps if s.mode in ("closed", "mixed")})
     for axis in (left, right):
         axis.set_xscale("log", base=2)
         axis.set_xticks(loads)
