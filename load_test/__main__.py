@@ -46,18 +46,15 @@ def sweep(name: str, url: str, images, args, cpu_seconds=None) -> list[StepRepor
                     name,
                     url,
                     images,
-                    "closed",
+                    "mixed" if args.mixed else "closed",
                     concurrency,
                     total,
                     0,
                     headers,
                     cpu_seconds=cpu_seconds,
-                    mixed=args.mixed,
                 )
             )
         )
-        if args.mixed:
-            steps[-1].mode = "mixed"  # its own rows in the table, and its own ratios
         print(table(steps[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     for rate in args.rate:
         steps.append(
@@ -129,16 +126,13 @@ def compare(args) -> None:
     env = {"BLIP_MODEL": args.model, "BLIP_MAX_NEW_TOKENS": str(args.tokens), "BLIP_MIN_NEW_TOKENS": str(args.tokens)}
     ceiling = measure_ceiling(args) if args.ceiling else []
     steps = []
+    litserve_env = {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}}
     servers = {
         "blip-serve": lambda: bento_server({**env, **dict(args.bento_env)}, out / "blip-serve.log"),
         "baseline": lambda: baseline_server(env, out / "baseline.log", workers=args.baseline_workers),
-        "litserve": lambda: litserve_server(
-            {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}},
-            out / "litserve.log",
-        ),
+        "litserve": lambda: litserve_server(litserve_env, out / "litserve.log"),
         "litserve-bf16": lambda: litserve_server(
-            {**env, **{k: v for k, v in args.bento_env if k == "BLIP_MAX_BATCH_SIZE"}, "BLIP_BENCH_AUTOCAST": "bf16"},
-            out / "litserve-bf16.log",
+            {**litserve_env, "BLIP_BENCH_AUTOCAST": "bf16"}, out / "litserve-bf16.log"
         ),
     }
     for name in args.servers:

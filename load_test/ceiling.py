@@ -22,6 +22,9 @@ Peaks and bandwidth: load_test/hardware.py (how each is derived).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import time
 
@@ -113,8 +116,9 @@ def stages(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, to
     batch = jobs[:batch_size]
     one_token = [job.model_copy(update={"max_new_tokens": 1}) for job in batch]
     config = captioner.model.config
-    vision_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[captioner.input_dtype]
-    decoder_dtype = {4: "fp32", 2: vision_dtype}[next(captioner.model.text_decoder.parameters()).element_size()]
+    names = {dtype: name for name, dtype in hardware.DTYPES.items()}
+    vision_dtype = names[captioner.input_dtype]
+    decoder_dtype = names[next(captioner.model.text_decoder.parameters()).dtype]
     limits = {dtype: hardware.describe(captioner.device, dtype) for dtype in {vision_dtype, decoder_dtype}}
 
     pixels = captioner.pixel_values(batch).to(captioner.input_dtype)
@@ -128,7 +132,8 @@ def stages(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, to
     vision_s = best_time(vision)
     one_s = best_time(lambda: captioner.caption_jobs(one_token))
     whole_s = best_time(lambda: captioner.caption_jobs(batch))
-    step_s = (whole_s - one_s) / max(tokens - 1, 1)
+    prefill_s = max(one_s - vision_s, 1e-9)
+    step_s = max((whole_s - one_s) / max(tokens - 1, 1), 1e-9)
     middle = tokens // 2 + 1
 
     def rate(flops: float, seconds: float, dtype: str) -> dict:
@@ -157,30 +162,33 @@ def stages(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, to
             **rate(vision_flops(config.vision_config) * batch_size, vision_s, vision_dtype),
         },
         "prefill": {
-            "s": round(max(one_s - vision_s, 0.0), 3),
-            **rate(prefill_flops(config) * batch_size, max(one_s - vision_s, 1e-9), decoder_dtype),
+            "s": round(prefill_s, 3),
+            **rate(prefill_flops(config) * batch_size, prefill_s, decoder_dtype),
         },
         "decoder_step": {
             "s": round(step_s, 4),
-            **rate(step_flops(config, middle) * batch_size, max(step_s, 1e-9), decoder_dtype),
-            "gb_per_s": round(step_read / max(step_s, 1e-9) / 1e9, 1),
-            "of_copy_bandwidth": round(step_read / max(step_s, 1e-9) / limits[decoder_dtype]["copy_bandwidth"], 3),
+            **rate(step_flops(config, middle) * batch_size, step_s, decoder_dtype),
+            "gb_per_s": round(step_read / step_s / 1e9, 1),
+            "of_copy_bandwidth": round(step_read / step_s / limits[decoder_dtype]["copy_bandwidth"], 3),
         },
         "caption": {"s": round(whole_s, 3), "images_per_s": round(batch_size / whole_s, 3)},
     }
 
 
+@functools.cache
+def plain_blip(model_dir: str) -> tuple:
+    """transformers' BLIP and its processor, loaded once for every batch size and variant."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    return BlipProcessor.from_pretrained(model_dir), BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+
+
 def plain_transformers(model_dir: str, batch_size: int, tokens: int, autocast: bool, repeats: int) -> float:
     """Images per second of BLIP as a user writes it: transformers' processor (not timed) and
     `generate` with its default attention, fp32, or under `torch.autocast("cpu", torch.bfloat16)`."""
-    import contextlib
-    import io
-
     from PIL import Image
-    from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    processor = BlipProcessor.from_pretrained(model_dir)
-    model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor, model = plain_blip(model_dir)
     images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data in sample_images(batch_size)]
     pixels = processor(images=images, return_tensors="pt").pixel_values
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()

@@ -12,11 +12,14 @@ multiplies can expect from this software. Bandwidth is measured with a copy loop
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
 
 import torch
+
+from blip_serve.model.devices import cpu_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Published dense peaks (TFLOP/s, tensor cores for bf16/fp16) and memory bandwidth (GB/s).
@@ -28,48 +31,31 @@ GPU_PEAKS = {
 }
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return fields
 
 
 def cpu_clock_ghz() -> float:
-    """The highest clock the kernel reports: cpufreq's maximum, else /proc/cpuinfo's current MHz."""
+    """The highest clock the kernel reports: cpufreq's maximum, else /proc/cpuinfo's MHz."""
     try:
         return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
     except (OSError, ValueError):
-        pass
-    mhz = [
-        float(line.split(":", 1)[1])
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("cpu MHz")
-    ]
-    return max(mhz) / 1000 if mhz else 0.0
+        return float(cpuinfo().get("cpu MHz", 0)) / 1000
 
 
 def physical_cores(threads: int) -> float:
     """Cores behind `threads` torch threads: SMT siblings (`siblings` / `cpu cores`) share one core."""
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
     try:
-        per_core = int(fields["siblings"]) / int(fields["cpu cores"])
+        per_core = int(cpuinfo()["siblings"]) / int(cpuinfo()["cpu cores"])
     except (KeyError, ValueError, ZeroDivisionError):
         per_core = 1
     return threads / max(per_core, 1)
@@ -124,6 +110,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.cache  # once a run: every batch size reads the same limits
 def describe(device: str, precision: str) -> dict:
     """The machine and its limits for `precision` (the dtype of the model's matrix multiplies)."""
     measured = gemm_flops(DTYPES[precision], device)
@@ -145,7 +132,7 @@ def describe(device: str, precision: str) -> dict:
     per_cycle, isa = flops_per_cycle(precision, flags)
     clock = cpu_clock_ghz()
     return {
-        "device": f"{cpu_name()}, {threads} threads on {cores:g} cores",
+        "device": f"{cpuinfo().get('model name', 'unknown CPU')}, {threads} threads on {cores:g} cores",
         "isa_peak_flops": cores * clock * 1e9 * per_cycle,
         "isa_peak_how": f"{cores:g} cores x {clock:.2f} GHz x {per_cycle} FLOP/cycle ({isa})",
         "gemm_flops": measured,

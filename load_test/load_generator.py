@@ -50,7 +50,9 @@ class StepReport:
         return {k: v for k, v in self.__dict__.items()}
 
 
-# --mixed: each client its own caption length and prompt, as different apps and SDK users send.
+# Closed-loop modes: "mixed" (--mixed) gives each client its own caption length and prompt, as
+# different apps and SDK users send.
+CLOSED_MODES = ("closed", "mixed")
 MIXED_PROMPTS = ["a picture of", "a photo of", "an image of", "there is", "this is", "a view of", "a close up of", ""]
 
 
@@ -166,7 +168,6 @@ async def run_step(
     timeout_s: float = 600,
     show_progress: bool = True,
     cpu_seconds=None,
-    mixed: bool = False,
 ) -> StepReport:
     """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`.
     `cpu_seconds`: a function giving the server's CPU so far ({"total": s, "api": s, ...}), read
@@ -177,15 +178,15 @@ async def run_step(
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         if warmup:
-            await closed_loop(session, url, images, max(1, int(load)) if mode == "closed" else 1, warmup, headers)
+            await closed_loop(session, url, images, max(1, int(load)) if mode in CLOSED_MODES else 1, warmup, headers)
         before = await read_batch_histogram(session, base_url)
         cpu_before = cpu_seconds() if cpu_seconds else {}
-        label = f"{server} {mode} {'c' if mode == 'closed' else 'rate '}{load:g}"
+        label = f"{server} {mode} {'c' if mode in CLOSED_MODES else 'rate '}{load:g}"
         # disable=None: no bar when stderr is not a terminal (a log file)
         with tqdm(total=total, desc=label, leave=False, disable=None if show_progress else True) as progress:
             started = time.perf_counter()
-            if mode == "closed":
-                outcomes = await closed_loop(session, url, images, int(load), total, headers, progress, mixed)
+            if mode in CLOSED_MODES:
+                outcomes = await closed_loop(session, url, images, int(load), total, headers, progress, mode == "mixed")
             else:
                 outcomes = await open_loop(session, url, images, load, total, headers, progress=progress)
             duration = time.perf_counter() - started

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from load_test.load_generator import StepReport
+from load_test.load_generator import CLOSED_MODES, StepReport
 
 COLUMNS = [
     "server",
@@ -76,10 +76,8 @@ def plot(steps: list[StepReport], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     # Closed-loop steps only: open-loop rates are in the table, JSON and CSV.
-    for server in dict.fromkeys(s.server for s in steps if s.mode in ("closed", "mixed")):
-        points = sorted(
-            (s.load, s.throughput, s.p95_s) for s in steps if s.server == server and s.mode in ("closed", "mixed")
-        )
+    for server in dict.fromkeys(s.server for s in steps if s.mode in CLOSED_MODES):
+        points = sorted((s.load, s.throughput, s.p95_s) for s in steps if s.server == server and s.mode in CLOSED_MODES)
         loads, throughput, p95 = zip(*points)
         left.plot(loads, throughput, marker="o", label=server)
         right.plot(loads, p95, marker="o", label=server)
@@ -88,7 +86,7 @@ def plot(steps: list[StepReport], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")  # 1, 4, 8, 16 and 0.5, 10: not 2^k or 3x10^1
-    loads = sorted({s.load for s in steps if s.mode in ("closed", "mixed")})
+    loads = sorted({s.load for s in steps if s.mode in CLOSED_MODES})
     for axis in (left, right):
         axis.set_xscale("log", base=2)
         axis.set_xticks(loads)

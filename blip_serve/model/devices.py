@@ -39,11 +39,17 @@ def pick_compile(setting: str, device: str, precision: str) -> bool:
 
 
 def cpu_has_amx() -> bool:
+    return "amx_bf16" in cpu_flags()
+
+
+def cpu_flags() -> set[str]:
+    """The instruction sets the CPU lists in /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
+            line = next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
-        return False
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 def pick_torch_threads(setting: int, workers: int = 1) -> int:
