@@ -123,6 +123,8 @@ class BlipModelService:
             observer=MetricsObserver(settings.max_batch_size),
             # A batch costs at most a full batch of default-length captions: a heavy image runs alone.
             max_batch_cost=settings.max_batch_size * settings.max_new_tokens,
+            # Greedy captions take seats in the step-level decoder (blip_serve/model/engine.py).
+            seats=self.captioner if self.captioner.engine is not None else None,
         )
         # On SIGTERM: serve on until the API workers have answered everything they accepted.
         self.drain = Drain(
@@ -142,12 +144,13 @@ class BlipModelService:
 
     @bentoml.api
     async def caption_batch(
-        self, jobs: list[CaptionJob], timeout_s: float, ctx: bentoml.Context
+        self, jobs: list[CaptionJob], timeout_s: float, ctx: bentoml.Context, client: str = ""
     ) -> list[CaptionResult]:
         """One API request's images, batched with everyone else's by blip-serve's own policy
-        (blip_serve/model/batcher.py); dropped from the queue if the caller hangs up or `timeout_s` passes."""
+        (blip_serve/model/batcher.py): the calls of one `client` (its address) share one fair share.
+        Dropped from the queue if the caller hangs up or `timeout_s` passes."""
         try:
-            return await until_disconnected(ctx.request, self.batcher.submit(jobs, timeout_s))
+            return await until_disconnected(ctx.request, self.batcher.submit(jobs, timeout_s, client or None))
         except QueueFull as exc:
             raise bentoml.exceptions.ServiceUnavailable(f"the queue is full: {exc}") from None
         except CallDropped as exc:
@@ -342,7 +345,10 @@ class CaptionAPI:
         image = await self.prepare(data, request)
         decoded = time.perf_counter()
         [result] = await send_jobs(
-            self.model.to_async.caption_batch, [caption_job(image, options)], settings.request_timeout_s
+            self.model.to_async.caption_batch,
+            [caption_job(image, options)],
+            settings.request_timeout_s,
+            client_of(request),
         )
         log_fields(request).update(
             image=f"{image.width}x{image.height}",
@@ -365,7 +371,9 @@ class CaptionAPI:
         decoded = time.perf_counter()
         jobs = [caption_job(image, options) for image in prepared if isinstance(image, PreparedImage)]
         results = iter(
-            await send_jobs(self.model.to_async.caption_batch, jobs, settings.request_timeout_s) if jobs else []
+            await send_jobs(self.model.to_async.caption_batch, jobs, settings.request_timeout_s, client_of(request))
+            if jobs
+            else []
         )
 
         answers = []
@@ -414,6 +422,13 @@ app.add_middleware(
 CaptionAPI.add_asgi_middleware(CaptionsInFlight, counter=CAPTIONS_IN_FLIGHT)  # what a drain waits for
 CaptionAPI.add_asgi_middleware(RequestLog)
 CaptionAPI.add_asgi_middleware(JsonErrors)
+
+
+def client_of(request: Request) -> str:
+    """Who sent the request, for the model's fair queue: the client's address (behind a proxy, the
+    address it forwards: uvicorn takes X-Forwarded-For from the addresses FORWARDED_ALLOW_IPS trusts),
+    so that more connections buy no larger share. One API key is shared by every client: no identity."""
+    return request.client.host if request.client else ""
 
 
 def check_api_key(request: Request) -> None:

@@ -80,7 +80,12 @@ class Flow:
     """One call's images: they share its deadline and its fate."""
 
     deadline: float  # time.monotonic() past which nobody waits for it
+    client: Hashable = None  # who sent it: a client's calls share one fair share (None: the call alone)
     pending: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            self.client = self
 
 
 def job_cost(job: Job) -> float:
@@ -97,6 +102,9 @@ class FairQueue(Generic[J]):
         self.virtual_time = 0.0  # the start tag of the last image taken
         self.queued: list[Pending[J]] = []
         self.counter = itertools.count()
+        # Each client's last tag: its next call starts there (or at the virtual time, if later), so
+        # a client's calls, on one connection or on many, share one fair share.
+        self.client_finish: dict[Hashable, float] = {}
 
     def __len__(self) -> int:
         return len(self.queued)
@@ -104,10 +112,11 @@ class FairQueue(Generic[J]):
     def add(self, jobs: list[J], flow: Flow, loop: asyncio.AbstractEventLoop, now: float) -> list[Pending[J]]:
         if len(self.queued) + len(jobs) > self.max_queued:
             raise QueueFull(f"{len(self.queued)} images queued, at most {self.max_queued}")
-        start = self.virtual_time
+        start = max(self.virtual_time, self.client_finish.get(flow.client, 0.0))
         for job in jobs:
             flow.pending.append(Pending(job, flow, start, next(self.counter), loop.create_future(), now))
             start += job_cost(job)
+        self.client_finish[flow.client] = start
         self.queued.extend(flow.pending)
         return list(flow.pending)
 
@@ -160,25 +169,59 @@ class FairQueue(Generic[J]):
         cost = sum(job_cost(p.job) for p in batch)
         return sequences >= self.max_batch_size or cost >= self.max_batch_cost
 
+    def fairest(self) -> Pending[J] | None:
+        return min(self.queued, key=self.sort_key, default=None)
+
     def take_batch(self) -> list[Pending[J]]:
         """The next batch (see `form`), out of the queue."""
-        if not self.queued:
-            return []
-        batch = self.form(self.queued)
-        # The virtual time moves on by the batch's cost shared among the flows waiting for the
+        return self.take(self.form(self.queued)) if self.queued else []
+
+    def take_seats(self, room: int, fits: Callable[[J], bool]) -> list[Pending[J]]:
+        """Up to `room` images for the decoder's free seats: in fair order, any options, while they
+        `fit` the seats (the first that does not, a beam search, waits for its own batch)."""
+        chosen = []
+        for pending in sorted(self.queued, key=self.sort_key)[:room]:
+            if not fits(pending.job):
+                break
+            chosen.append(pending)
+        return self.take(chosen) if chosen else []
+
+    def take(self, batch: list[Pending[J]]) -> list[Pending[J]]:
+        # The virtual time moves on by the batch's cost shared among the clients waiting for the
         # model (as a fair share of the model would), and never lags the batch's own tags.
-        active = len({id(p.flow) for p in self.queued})
+        active = len({p.flow.client for p in self.queued})
         cost = sum(job_cost(p.job) for p in batch)
         self.virtual_time = max(self.virtual_time + cost / active, min(p.tag for p in batch))
         taken = set(map(id, batch))
         self.queued = [p for p in self.queued if id(p) not in taken]
         for pending in batch:
             pending.flow.pending.remove(pending)
+        # A client whose last tag the virtual time has passed starts from the virtual time anyway:
+        # forget it (the table stays as small as the clients with work ahead of the virtual time).
+        self.client_finish = {c: t for c, t in self.client_finish.items() if t > self.virtual_time}
         return batch
 
 
+class Seats(Protocol[J, R]):
+    """The step-level decoder (blip_serve/model/engine.py behind the captioner): images join free
+    seats and leave the step their caption ends. Only the batcher's loop calls it, one call at a time."""
+
+    def fits(self, job: J) -> bool: ...  # may this job take a seat (greedy), or does it need a batch?
+
+    def free_seats(self) -> int: ...
+
+    def busy_seats(self) -> int: ...
+
+    async def join(self, tickets: list[object], jobs: list[J]) -> list[tuple[object, R]]: ...
+
+    async def step(self) -> list[tuple[object, R]]: ...
+
+    def release(self, ticket: object) -> None: ...
+
+
 class Batcher(Generic[J, R]):
-    """Runs `run_batch` on batches the FairQueue forms, one batch at a time."""
+    """Feeds the model from the FairQueue: images join the decoder's free seats between steps
+    (`seats`), and what cannot take a seat (beam search) runs as whole batches (`run_batch`)."""
 
     def __init__(
         self,
@@ -187,10 +230,16 @@ class Batcher(Generic[J, R]):
         max_queued: int,
         observer: BatchObserver | None = None,
         max_batch_cost: float | None = None,
+        seats: Seats[J, R] | None = None,
+        max_joining: int | None = None,
     ):
         self.run_batch = run_batch
         self.queue: FairQueue[J] = FairQueue(max_batch_size, max_queued, max_batch_cost)
         self.observer = observer or BatchObserver()
+        self.seats = seats
+        # Images encoded between two steps, at most: the seated captions wait while they encode.
+        self.max_joining = max_joining or max(1, max_batch_size // 4)
+        self.seated: list[Pending[J]] = []
         self.arrived = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.last_duration = 0.0  # of the last batch
@@ -203,15 +252,16 @@ class Batcher(Generic[J, R]):
         """The event loop's clock: time.monotonic() in a server; a test's loop may run virtual time."""
         return asyncio.get_running_loop().time()
 
-    async def submit(self, jobs: list[J], timeout_s: float) -> list[R]:
-        """Caption `jobs` as one flow; raises QueueFull (nothing queued) or CallDropped (deadline).
-        Cancelling the caller takes its images out of the queue."""
+    async def submit(self, jobs: list[J], timeout_s: float, client: Hashable = None) -> list[R]:
+        """Caption `jobs` as one call of `client` (its calls share one fair share; None: the call is
+        a client of its own); raises QueueFull (nothing queued) or CallDropped (deadline).
+        Cancelling the caller takes its images out of the queue and their seats back."""
         if not jobs:
             return []
         loop = asyncio.get_running_loop()
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self.run_forever())
-        flow = Flow(deadline=self.clock() + timeout_s)
+        flow = Flow(deadline=self.clock() + timeout_s, client=client)
         try:
             pending = self.queue.add(jobs, flow, loop, self.clock())
         except QueueFull:
@@ -226,12 +276,15 @@ class Batcher(Generic[J, R]):
             raise
 
     def drop(self, flow: Flow, reason: str) -> None:
+        """The flow's queued images leave the queue; its seated ones free their seats before the next
+        step (the batcher's loop sees their futures done)."""
         gone = self.queue.remove(flow)
-        for pending in flow.pending:
+        for pending in [*flow.pending, *(p for p in self.seated if p.flow is flow)]:
             if not pending.future.done():
                 pending.future.set_exception(CallDropped(reason))
                 pending.future.exception()  # retrieved: nobody may be left awaiting it
         flow.pending.clear()
+        self.arrived.set()
         if gone:
             self.observer.dropped(reason, len(gone))
             self.observer.queued(len(self.queue))
@@ -245,15 +298,73 @@ class Batcher(Generic[J, R]):
                 await asyncio.sleep(0.1)
 
     async def next_batch(self) -> None:
-        if not len(self.queue):
+        """One turn: seat what the free seats take, or run a batch, then one decoder step."""
+        if not len(self.queue) and not self.seated:
             self.arrived.clear()
             await self.arrived.wait()
-        await self.gather()
         for flow in self.queue.expired(self.clock()):
             self.drop(flow, "deadline")
-        batch = self.queue.take_batch()
-        if batch:
-            await self.run(batch)
+        self.leave_gone_seats()
+        fairest = self.queue.fairest()
+        if fairest is not None and self.seats is not None and self.seats.fits(fairest.job):
+            room = min(self.seats.free_seats(), self.max_joining)
+            if room:
+                await self.join(self.queue.take_seats(room, self.seats.fits))
+        elif fairest is not None:
+            if not self.seated:  # seated captions never wait for a fuller batch
+                await self.gather()
+            batch = self.queue.take_batch()
+            if batch:
+                await self.run(batch)
+        if self.seated:
+            await self.step()
+
+    def leave_gone_seats(self) -> None:
+        """Seats whose caller is gone (cancelled) or whose deadline passed: free before the next step."""
+        now = self.clock()
+        for pending in self.seated:
+            if not pending.future.done() and pending.flow.deadline <= now:
+                pending.future.set_exception(CallDropped("deadline"))
+                pending.future.exception()
+        for pending in [p for p in self.seated if p.future.done()]:
+            self.seats.release(pending)
+            self.seated.remove(pending)
+
+    async def join(self, joining: list[Pending[J]]) -> None:
+        started = self.clock()
+        self.observer.batch(len(joining), [started - p.enqueued for p in joining])
+        self.observer.queued(len(self.queue))
+        self.seated.extend(joining)
+        try:
+            self.answer(await self.seats.join(joining, [p.job for p in joining]))
+        except Exception as exc:  # the seats answer per job; this is a fault of the whole join
+            self.fail(joining, exc)
+        self.observer.batch_done(self.clock() - started)
+        self.observer.seats(self.seats.busy_seats())
+
+    async def step(self) -> None:
+        started = self.clock()
+        try:
+            self.answer(await self.seats.step())
+        except Exception as exc:
+            self.fail(list(self.seated), exc)
+        duration = self.clock() - started
+        self.observer.step(len(self.seated), duration)
+        self.observer.seats(self.seats.busy_seats())
+
+    def answer(self, finished: list[tuple[object, R]]) -> None:
+        for ticket, result in finished:
+            self.seated.remove(ticket)
+            if not ticket.future.done():
+                ticket.future.set_result(result)
+
+    def fail(self, pendings: list[Pending[J]], exc: Exception) -> None:
+        for pending in pendings:
+            if pending in self.seated:
+                self.seats.release(pending)
+                self.seated.remove(pending)
+            if not pending.future.done():
+                pending.future.set_exception(exc)
 
     async def gather(self) -> None:
         """Wait while a fuller batch is on its way: the clients the last batch answered come back
@@ -305,6 +416,12 @@ class BatchObserver:
     def dropped(self, reason: str, images: int) -> None:
         pass
 
+    def step(self, seated: int, duration_s: float) -> None:
+        pass
+
+    def seats(self, busy: int) -> None:
+        pass
+
 
 class MetricsObserver(BatchObserver):
     """The batcher's figures on the service's /metrics (BentoML's Prometheus registry)."""
@@ -336,6 +453,21 @@ class MetricsObserver(BatchObserver):
             documentation="Queued images dropped before the model reached them (reason: cancelled, deadline, refused)",
             labelnames=["reason"],
         )
+        self.busy_seats = bentoml.metrics.Gauge(
+            name="blip_seats_busy",
+            documentation=f"Decoder seats holding a caption being written, of {max_batch_size}",
+            multiprocess_mode="livesum",
+        )
+        self.steps = bentoml.metrics.Histogram(
+            name="blip_step_seconds",
+            documentation="How long each decoder step took (one token for every seated caption)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.step_rows = bentoml.metrics.Histogram(
+            name="blip_step_captions",
+            documentation="Captions each decoder step advanced",
+            buckets=sizes,
+        )
 
     def batch(self, size: int, waits_s: list[float]) -> None:
         self.sizes.observe(size)
@@ -352,3 +484,11 @@ class MetricsObserver(BatchObserver):
 
     def dropped(self, reason: str, images: int) -> None:
         self.drops.labels(reason=reason).inc(images)
+
+    def step(self, seated: int, duration_s: float) -> None:
+        self.steps.observe(duration_s)
+        self.step_rows.observe(seated)
+        self.busy.inc(duration_s)
+
+    def seats(self, busy: int) -> None:
+        self.busy_seats.set(busy)

@@ -8,6 +8,7 @@ job on its own: a job that fails does not fail the others in its batch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -22,9 +23,9 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip.modeling_blip import BlipAttention
 
 from blip_serve import __version__
-from blip_serve.model.compiled_generate import StaticCacheDecoder, unsupported_settings
 from blip_serve.model.device_images import DeviceJpegs, UndecodableJpeg
 from blip_serve.model.devices import pick_compile, pick_device, pick_precision, pick_torch_threads
+from blip_serve.model.engine import Finished, SeatEngine, unsupported_settings
 from blip_serve.shared.jobs import CaptionJob, CaptionResult, group_jobs
 from blip_serve.shared.model_config import decoder_prompt, image_processor_config
 from blip_serve.shared.model_files import RANDOM_WEIGHTS
@@ -151,11 +152,20 @@ class BlipCaptioner:
         # threads, and CUDA graph trees are per thread: from a pool, BLIP_COMPILE re-recorded its
         # graphs on most calls (docs/performance.md).
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip-model")
-        self.compiled, self.compiled_parts = None, []
-        if pick_compile(settings.compile, self.device, self.precision):
+        # Greedy captions decode step by step in seats (engine.py), unless the model's generation
+        # config asks for logits processors the engine does not apply: then everything goes to generate.
+        unsupported = unsupported_settings(self.model)
+        if unsupported:
+            logger.warning(
+                "greedy captions run as whole batches: the generation config sets %s", ", ".join(unsupported)
+            )
+        compile_model = pick_compile(settings.compile, self.device, self.precision)
+        self.engine = None if unsupported else SeatEngine(self.model, settings.max_batch_size, compile_model)
+        self.compiled_parts = []
+        if compile_model:
             if settings.compile_cache:  # inductor reads it when it first caches: before any compile
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache
-            self.compiled = self.thread.submit(self.compile_model).result()
+            self.thread.submit(self.compile_model).result()
         self.attention = settings.attention
         self.random_weights = (Path(model_dir) / RANDOM_WEIGHTS).exists()
         logger.info(
@@ -186,36 +196,30 @@ class BlipCaptioner:
             "random_weights": self.random_weights,
         }
 
-    def compile_model(self) -> StaticCacheDecoder | None:
+    def compile_model(self) -> None:
         """BLIP_COMPILE, before /readyz turns 200: on a CPU the vision tower (inductor with freezing:
-        weights folded in and pre-packed for the CPU's matrix kernels), and the decoder step. Each
-        is compiled once for a batch of one and once for any larger batch (the batch dimension is
-        symbolic), so no batch the batcher forms compiles again. Inductor's cache
-        (BLIP_COMPILE_CACHE) keeps the generated kernels: a restart reuses them."""
+        weights folded in and pre-packed for the CPU's matrix kernels), and the engine's decoder step.
+        Each is compiled once for one image and once for any number (the batch dimension is
+        symbolic), so nothing compiles again while serving. Inductor's cache (BLIP_COMPILE_CACHE)
+        keeps the generated kernels: a restart reuses them."""
         from torch._dynamo.utils import counters
 
         started = time.monotonic()
         if self.device == "cpu":
             self.model.vision_model.compile(dynamic=True, options={"freezing": True})
             self.compiled_parts.append("vision")
-        unsupported = unsupported_settings(self.model)
-        decoder = None
-        if unsupported:
-            logger.warning(
-                "BLIP_COMPILE: the decoder is not compiled: the model's generation config sets %s",
-                ", ".join(unsupported),
-            )
-        else:
-            decoder = StaticCacheDecoder(self.model, self.device)
+        if self.engine is not None:
             self.compiled_parts.append("decoder")
         blank = np.zeros(self.pixel_shape, dtype=np.uint8)
-        with torch.inference_mode():
-            for batch in (1, 2):
-                pixels = self.normalize(np.stack([blank] * batch)).to(self.input_dtype)
-                if decoder is not None:
-                    decoder.generate(pixels, None, max_new_tokens=3, min_new_tokens=3)
-                else:
-                    self.model.vision_model(pixel_values=pixels)
+        for images in (1, 2):
+            jobs = [CaptionJob(pixels=blank, max_new_tokens=3)] * images
+            if self.engine is None:
+                with torch.inference_mode():
+                    self.model.vision_model(pixel_values=self.pixel_values(jobs).to(self.input_dtype))
+                continue
+            self.join_here([object() for _ in jobs], jobs)
+            while self.engine.busy_seats():
+                self.engine.step()
         cache = counters["inductor"]
         logger.info(
             "BLIP_COMPILE: compiled in %.0f s (%d of %d graphs from the cache in %s)",
@@ -224,7 +228,6 @@ class BlipCaptioner:
             cache["fxgraph_cache_hit"] + cache["fxgraph_cache_miss"],
             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder"),
         )
-        return decoder
 
     def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """One result per job, in order. Jobs that share prompt and options share one generate."""
@@ -264,35 +267,101 @@ class BlipCaptioner:
         logger.error("generate failed for one job", exc_info=exc)
         return CaptionResult(error="internal error: the model failed on this image; see the server log", status=500)
 
+    # The step-level engine's side of the batcher (batcher.Seats): called by the batcher's loop only.
+
+    def fits(self, job: CaptionJob) -> bool:
+        return self.engine is not None and job.num_beams == 1
+
+    def free_seats(self) -> int:
+        return self.engine.free_seats()
+
+    def busy_seats(self) -> int:
+        return self.engine.busy_seats()
+
+    def release(self, ticket: object) -> None:
+        self.engine.release(ticket)
+
+    async def join(self, tickets: list[object], jobs: list[CaptionJob]) -> list[tuple[object, CaptionResult]]:
+        return await asyncio.wrap_future(self.thread.submit(self.join_here, tickets, jobs))
+
+    async def step(self) -> list[tuple[object, CaptionResult]]:
+        return await asyncio.wrap_future(self.thread.submit(self.step_here))
+
+    def join_here(self, tickets: list[object], jobs: list[CaptionJob]) -> list[tuple[object, CaptionResult]]:
+        """Seat each job, or answer it: a job the model refuses, or a caption that ended at once."""
+        answered, joining = [], []
+        for ticket, job in zip(tickets, jobs):
+            try:
+                joining.append((ticket, job, self.check(job)))
+            except JobRejected as exc:
+                answered.append((ticket, self.failure(exc)))
+        self.join_group(joining, answered)
+        return answered
+
+    def join_group(self, joining: list[tuple], answered: list) -> None:
+        """Seat `joining` in one encode. If it fails, split it in halves and try each (as
+        caption_group does): a job that fails alone gets its own error."""
+        if not joining:
+            return
+        tickets, jobs, prompts = zip(*joining)
+        try:
+            with torch.inference_mode():
+                pixel_values = self.pixel_values(list(jobs)).to(self.input_dtype)
+            limits = [(job.max_new_tokens, min(self.min_new_tokens, job.max_new_tokens)) for job in jobs]
+            finished = self.engine.join(list(tickets), pixel_values, list(prompts), limits)
+        except Exception as exc:
+            for ticket in tickets:
+                self.engine.release(ticket)
+            if len(joining) > 1:
+                middle = len(joining) // 2
+                self.join_group(joining[:middle], answered)
+                self.join_group(joining[middle:], answered)
+            else:
+                answered.append((tickets[0], self.failure(exc)))
+            return
+        answered.extend((done.ticket, self.finished_result(done)) for done in finished)
+
+    def step_here(self) -> list[tuple[object, CaptionResult]]:
+        return [(done.ticket, self.finished_result(done)) for done in self.engine.step()]
+
+    def finished_result(self, done: Finished) -> CaptionResult:
+        caption = self.processor.tokenizer.decode(done.tokens, skip_special_tokens=True)
+        return CaptionResult(caption=caption, new_tokens=len(done.tokens) - done.start, stopped=done.stopped)
+
+    def check(self, job: CaptionJob) -> list[int]:
+        """What the API service already checked, checked again here, where a mistake would crash the
+        model (JobRejected); returns the decoder's start tokens: [DEC], then the prompt's."""
+        if job.jpeg and self.device_jpegs is None:
+            raise JobRejected("a JPEG to decode here, but BLIP_GPU_DECODE is off in the model service")
+        if not job.jpeg and (job.pixels.shape != self.pixel_shape or job.pixels.dtype != np.uint8):
+            raise JobRejected(f"pixels must be {self.pixel_shape} uint8, got {job.pixels.shape} {job.pixels.dtype}")
+        start = self.start_tokens(job.prompt or "")
+        if len(start) + job.max_new_tokens > self.positions:
+            raise JobRejected(
+                f"the prompt and max_new_tokens need {len(start) + job.max_new_tokens} positions; "
+                f"the model has {self.positions}"
+            )
+        return start
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one captioner per process; prompts repeat
+    def start_tokens(self, prompt: str) -> list[int]:
+        ids = self.processor.tokenizer(prompt)["input_ids"] if prompt else []
+        return decoder_prompt(ids, self.model.config.text_config.bos_token_id)
+
     @torch.inference_mode()
     def generate(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
-        """Captions for jobs that share prompt and options, in one generate. What the API service
-        already checked is checked again here, where a mistake would crash generate (JobRejected)."""
+        """Captions for jobs that share prompt and options, in one generate (check: JobRejected)."""
         prompt, max_new_tokens, num_beams = jobs[0].generation_options()
-        for job in jobs:
-            if job.jpeg and self.device_jpegs is None:
-                raise JobRejected("a JPEG to decode here, but BLIP_GPU_DECODE is off in the model service")
-            if not job.jpeg and (job.pixels.shape != self.pixel_shape or job.pixels.dtype != np.uint8):
-                raise JobRejected(f"pixels must be {self.pixel_shape} uint8, got {job.pixels.shape} {job.pixels.dtype}")
-        prompt_inputs, start = {}, 1  # generate starts from [DEC], or [DEC] + the prompt's tokens
+        start = len([self.check(job) for job in jobs][0])  # generate starts from [DEC] + the prompt's tokens
+        prompt_inputs = {}
         if prompt:
             tokens = self.processor.tokenizer(prompt, return_tensors="pt")  # once: every job has this prompt
-            start = len(decoder_prompt(tokens["input_ids"][0].tolist(), 0))
             prompt_inputs = {
                 "input_ids": tokens["input_ids"].repeat(len(jobs), 1).to(self.device),
                 "attention_mask": tokens["attention_mask"].repeat(len(jobs), 1).to(self.device),
             }
-        if start + max_new_tokens > self.positions:
-            raise JobRejected(
-                f"the prompt and max_new_tokens need {start + max_new_tokens} positions; the model has {self.positions}"
-            )
         pixel_values = self.pixel_values(jobs).to(self.input_dtype)
         min_new_tokens = min(self.min_new_tokens, max_new_tokens)
-        if self.compiled is not None and num_beams == 1:
-            output = self.compiled.generate(
-                pixel_values, prompt_inputs.get("input_ids"), max_new_tokens, min_new_tokens
-            )
-            return self.results(output, start)
         output = self.model.generate(
             pixel_values=pixel_values,
             **prompt_inputs,

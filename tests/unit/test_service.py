@@ -26,7 +26,7 @@ class ModelService:
 
     class to_async:
         @staticmethod
-        async def caption_batch(jobs, timeout_s: float) -> list[CaptionResult]:
+        async def caption_batch(jobs, timeout_s: float, client: str) -> list[CaptionResult]:
             return [CaptionResult(caption="a caption") for _ in jobs]
 
 

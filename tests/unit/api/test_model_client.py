@@ -35,7 +35,7 @@ def run_send_jobs(failures: list[Exception]) -> tuple[list | Exception, int]:
     """send_jobs with a call that raises each of `failures` in turn, then answers."""
     calls = 0
 
-    async def call(jobs, timeout_s):
+    async def call(jobs, timeout_s, client):
         nonlocal calls
         calls += 1
         if failures:

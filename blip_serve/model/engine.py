@@ -1,0 +1,275 @@
+"""Greedy captioning one decoder step at a time, over a fixed number of seats.
+
+`generate` runs a batch from its first token to its longest caption's last: a caption that ended
+keeps its row, and a new image waits for the whole batch. Here every image has a seat of its own in
+the decoder's key/value buffers, with its own prompt, position and max_new_tokens:
+
+- **join**: a new image is encoded (vision tower), its prompt runs through transformers' own decoder
+  once (the prefill `generate` does: it also makes the image's cross-attention keys and values,
+  kept in the seat), and it picks its first token. From the next step on it decodes beside the
+  others, whatever their prompts and lengths.
+- **step**: one token for every seat, in one batch; each row attends to its own positions only.
+- **leave**: a seat frees the step its caption ends (the end token, or its max_new_tokens), or when
+  its caller is gone (`release`), and the next image can take it at once.
+
+In fp32 each caption equals `generate` for that image alone, token for token (tests: mixed prompts and
+lengths sharing steps): the same layers in the same order, with `generate`'s rules (min new tokens,
+stop at [SEP]). Rows attend over a padded cache with the padding masked; as for any batch, the
+floats may differ from a lone image's in the last bits. Beam search stays on `generate`.
+
+The engine is plain torch on the model's thread; blip_serve/model/batcher.py decides who gets a seat.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import BlipForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+# Generation settings that add logits processors the engine does not apply: if a model's
+# generation config sets one, every caption goes through `generate`.
+UNSUPPORTED = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+}
+CACHE_BLOCK = 32  # the self-attention buffers grow (and steps attend) in blocks of this many positions
+
+
+def unsupported_settings(model: BlipForConditionalGeneration) -> list[str]:
+    config = model.text_decoder.generation_config
+    return [name for name, plain in UNSUPPORTED.items() if getattr(config, name, None) not in plain]
+
+
+@dataclass(eq=False)
+class Seat:
+    """One caption being decoded."""
+
+    ticket: object  # the scheduler's handle for the job (its result goes back with it)
+    tokens: list[int]  # the prompt ([DEC] + its tokens), then every token picked so far
+    start: int  # how many of `tokens` are the prompt
+    max_new_tokens: int
+    min_new_tokens: int
+    stopped: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.start
+
+    @property
+    def position(self) -> int:
+        """Where the last picked token goes in: the position the next step runs at."""
+        return len(self.tokens) - 1
+
+    def done(self) -> bool:
+        return self.stopped or self.generated >= self.max_new_tokens
+
+
+@dataclass
+class Finished:
+    ticket: object
+    tokens: list[int] = field(default_factory=list)
+    start: int = 0
+    stopped: bool = False
+
+
+class SeatEngine:
+    """BLIP's text decoder over `seats` rows of key/value buffers."""
+
+    def __init__(self, model: BlipForConditionalGeneration, seats: int, compile_step: bool = False):
+        self.model = model
+        self.decoder = model.text_decoder
+        text = model.config.text_config
+        self.eos, self.pad = text.sep_token_id, text.pad_token_id
+        self.heads = text.num_attention_heads
+        self.head_dim = text.hidden_size // text.num_attention_heads
+        self.layers = self.decoder.bert.encoder.layer
+        self.seats: list[Seat | None] = [None] * seats
+        self.self_keys: list[torch.Tensor] = []  # per layer: (seats, heads, capacity, head_dim)
+        self.self_values: list[torch.Tensor] = []
+        self.cross_keys: list[torch.Tensor] = []  # per layer: (seats, heads, image tokens, head_dim)
+        self.cross_values: list[torch.Tensor] = []
+        self.step_rows = self.decode_step
+        if compile_step:
+            # The rows and the cache length are symbolic: one graph for every step.
+            options = {"pattern_matcher": False}
+            self.step_rows = torch.compile(self.decode_step, dynamic=True, fullgraph=True, options=options)
+
+    def free_seats(self) -> int:
+        return self.seats.count(None)
+
+    def busy_seats(self) -> int:
+        return len(self.seats) - self.free_seats()
+
+    def release(self, ticket: object) -> None:
+        """Free the ticket's seat (its caller is gone): the next image may take it."""
+        for index, seat in enumerate(self.seats):
+            if seat is not None and seat.ticket is ticket:
+                self.seats[index] = None
+
+    @torch.inference_mode()
+    def join(
+        self, tickets: list[object], pixel_values: torch.Tensor, prompts: list[list[int]], limits: list[tuple[int, int]]
+    ) -> list[Finished]:
+        """Seat one image per ticket (at most free_seats()): `prompts` are the decoder's start tokens
+        ([DEC] + prompt), `limits` (max_new_tokens, min_new_tokens). Returns the captions that ended
+        at their first token."""
+        if len(tickets) > self.free_seats():
+            raise ValueError(f"{len(tickets)} images for {self.free_seats()} free seats")
+        image_embeds = self.model.vision_model(pixel_values=pixel_values)[0]
+        finished = []
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            by_prompt.setdefault(tuple(prompt), []).append(row)
+        for prompt, rows in by_prompt.items():  # images with one prompt share a prefill, as in generate
+            embeds = image_embeds[rows]
+            ids = torch.tensor([prompt] * len(rows), device=embeds.device)
+            cache = EncoderDecoderCache(
+                DynamicCache(config=self.decoder.config), DynamicCache(config=self.decoder.config)
+            )
+            prefill = self.decoder(
+                input_ids=ids,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = prefill.logits[:, -1, :].float()
+            for i, row in enumerate(rows):
+                max_new_tokens, min_new_tokens = limits[row]
+                seat = Seat(tickets[row], list(prompt), len(prompt), max_new_tokens, min_new_tokens)
+                self.pick([seat], logits[i : i + 1])
+                if seat.done():
+                    finished.append(self.finish(seat))
+                    continue
+                index = self.seats.index(None)
+                self.seats[index] = seat
+                self.copy_in(index, i, cache, len(prompt) + max_new_tokens)
+        return finished
+
+    def pick(self, seats: list[Seat], logits: torch.Tensor) -> None:
+        """Each seat's next token from its row of `logits`, by generate's greedy rules: no end token
+        before min_new_tokens."""
+        early = [i for i, seat in enumerate(seats) if seat.generated < seat.min_new_tokens]
+        if early:
+            logits[early, self.eos] = -math.inf
+        for seat, token in zip(seats, logits.argmax(dim=-1).tolist()):
+            seat.tokens.append(token)
+            seat.stopped = token == self.eos
+
+    @staticmethod
+    def finish(seat: Seat) -> Finished:
+        return Finished(seat.ticket, seat.tokens, seat.start, seat.stopped)
+
+    def copy_in(self, index: int, row: int, cache: EncoderDecoderCache, needs: int) -> None:
+        """The prefill's keys and values for `row` into seat `index`'s buffers."""
+        self_layers, cross_layers = cache.self_attention_cache.layers, cache.cross_attention_cache.layers
+        if not self.cross_keys:
+            shape = (len(self.seats), *cross_layers[0].keys.shape[1:])
+            self.cross_keys = [cross_layers[0].keys.new_zeros(shape) for _ in self.layers]
+            self.cross_values = [cross_layers[0].keys.new_zeros(shape) for _ in self.layers]
+        self.grow(needs, self_layers[0].keys)
+        start = self_layers[0].keys.shape[2]
+        for layer, (own, cross) in enumerate(zip(self_layers, cross_layers)):
+            self.self_keys[layer][index, :, :start] = own.keys[row]
+            self.self_values[layer][index, :, :start] = own.values[row]
+            self.cross_keys[layer][index] = cross.keys[row]
+            self.cross_values[layer][index] = cross.values[row]
+
+    def grow(self, positions: int, like: torch.Tensor) -> None:
+        """Self-attention buffers for at least `positions` positions, in blocks of CACHE_BLOCK."""
+        capacity = self.self_keys[0].shape[2] if self.self_keys else 0
+        if positions <= capacity:
+            return
+        wanted = -(-positions // CACHE_BLOCK) * CACHE_BLOCK
+        shape = (len(self.seats), self.heads, wanted, self.head_dim)
+        grown = []
+        for old in self.self_keys + self.self_values:
+            new = like.new_zeros(shape)
+            new[:, :, :capacity] = old
+            grown.append(new)
+        if not grown:
+            grown = [like.new_zeros(shape) for _ in range(2 * len(self.layers))]
+        self.self_keys, self.self_values = grown[: len(self.layers)], grown[len(self.layers) :]
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        """One token for every seated caption; returns the captions that ended with it."""
+        seated = [(index, seat) for index, seat in enumerate(self.seats) if seat is not None]
+        if not seated:
+            return []
+        rows = seated[-1][0] + 1  # empty seats below the last one run too (their rows are ignored)
+        device = self.self_keys[0].device
+        tokens = torch.full((rows, 1), self.pad, dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long)
+        for index, seat in seated:
+            tokens[index, 0] = seat.tokens[-1]
+            positions[index] = seat.position
+        length = -(-(int(positions.max()) + 1) // CACHE_BLOCK) * CACHE_BLOCK
+        logits = self.step_rows(
+            tokens.to(device),
+            positions.to(device),
+            [keys[:rows, :, :length] for keys in self.self_keys],
+            [values[:rows, :, :length] for values in self.self_values],
+            [keys[:rows] for keys in self.cross_keys],
+            [values[:rows] for values in self.cross_values],
+        )
+        self.pick([seat for _, seat in seated], logits[[index for index, _ in seated]])
+        finished = []
+        for index, seat in seated:
+            if seat.done():
+                finished.append(self.finish(seat))
+                self.seats[index] = None
+        return finished
+
+    def attend(self, attention, hidden, keys, values, mask=None):
+        """One attention block (BlipTextSelfAttention and its output) for each row's one new token,
+        in BlipTextSelfAttention's order of operations."""
+        rows = hidden.shape[0]
+        query = attention.self.query(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask
+        context = torch.matmul(scores.softmax(dim=-1), values)
+        context = context.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim)
+        return attention.output(context, hidden)
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        self_keys: list[torch.Tensor],
+        self_values: list[torch.Tensor],
+        cross_keys: list[torch.Tensor],
+        cross_values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits for the token after each row's `tokens` (rows, 1) at its own position (rows,);
+        writes each row's new key and value into the self-attention buffers at that position."""
+        embeddings = self.decoder.bert.embeddings
+        hidden = embeddings.word_embeddings(tokens) + embeddings.position_embeddings(positions[:, None])
+        hidden = embeddings.LayerNorm(hidden)
+        rows, length = tokens.shape[0], self_keys[0].shape[2]
+        visible = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
+        mask = torch.where(visible, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype).view(rows, 1, 1, length)
+        row_index = torch.arange(rows, device=tokens.device)
+        for index, layer in enumerate(self.layers):
+            own = layer.attention.self
+            key = own.key(hidden).view(rows, self.heads, self.head_dim)
+            value = own.value(hidden).view(rows, self.heads, self.head_dim)
+            self_keys[index][row_index, :, positions] = key
+            self_values[index][row_index, :, positions] = value
+            hidden = self.attend(layer.attention, hidden, self_keys[index], self_values[index], mask)
+            hidden = self.attend(layer.crossattention, hidden, cross_keys[index], cross_values[index])
+            hidden = layer.output(layer.intermediate(hidden), hidden)
+        return self.decoder.cls(hidden)[:, -1, :].float()
