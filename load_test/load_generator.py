@@ -156,6 +156,11 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> tup
     return per_bucket, (delta.get("sum", 0.0) / batches if batches else None)
 
 
+def client_connector(address: str | None = None) -> aiohttp.TCPConnector:
+    """Unlimited connections, from `address` if given (the server shares its model by client address)."""
+    return aiohttp.TCPConnector(limit=0, keepalive_timeout=2, local_addr=(address, 0) if address else None)
+
+
 async def run_step(
     server: str,
     url: str,
@@ -168,14 +173,16 @@ async def run_step(
     timeout_s: float = 600,
     show_progress: bool = True,
     cpu_seconds=None,
+    client_address: str | None = None,
 ) -> StepReport:
     """One step of a sweep: warm up, then `total` requests at concurrency (or rate) `load`.
     `cpu_seconds`: a function giving the server's CPU so far ({"total": s, "api": s, ...}), read
-    before and after the step."""
+    before and after the step. `client_address`: the local address to send from (a loopback
+    address such as 127.0.0.2: another client to the server's fair queue)."""
     headers = headers or {}
     base_url = url.rsplit("/caption", 1)[0]
     # Idle connections are dropped before uvicorn's 5 s keep-alive timeout can close them under us.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
+    connector = client_connector(client_address)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         if warmup:
             await closed_loop(session, url, images, max(1, int(load)) if mode in CLOSED_MODES else 1, warmup, headers)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -176,14 +177,24 @@ class FairQueue(Generic[J]):
         """The next batch (see `form`), out of the queue."""
         return self.take(self.form(self.queued)) if self.queued else []
 
-    def take_seats(self, room: int, fits: Callable[[J], bool]) -> list[Pending[J]]:
+    def take_seats(self, room: int, fits: Callable[[J], bool], held: Counter | None = None) -> list[Pending[J]]:
         """Up to `room` images for the decoder's free seats: in fair order, any options, while they
-        `fit` the seats (the first that does not, a beam search, waits for its own batch)."""
+        `fit` the seats (the first that does not, a beam search, waits for its own batch). While
+        other clients have images queued or seated, no client takes more than half the seats
+        (`held`: seats per client now): a seat is held for a whole caption, so one client's long
+        captions could otherwise take every seat another client's caption frees."""
+        held = Counter(held)
+        most = -(-self.max_batch_size // 2)
+        active = {p.flow.client for p in self.queued} | {client for client, seats in held.items() if seats}
         chosen = []
-        for pending in sorted(self.queued, key=self.sort_key)[:room]:
-            if not fits(pending.job):
+        for pending in sorted(self.queued, key=self.sort_key):
+            if len(chosen) == room or not fits(pending.job):
                 break
+            client = pending.flow.client
+            if held[client] >= most and active - {client}:
+                continue
             chosen.append(pending)
+            held[client] += 1
         return self.take(chosen) if chosen else []
 
     def take(self, batch: list[Pending[J]]) -> list[Pending[J]]:
@@ -309,7 +320,10 @@ class Batcher(Generic[J, R]):
         if fairest is not None and self.seats is not None and self.seats.fits(fairest.job):
             room = min(self.seats.free_seats(), self.max_joining)
             if room:
-                await self.join(self.queue.take_seats(room, self.seats.fits))
+                held = Counter(p.flow.client for p in self.seated)
+                joining = self.queue.take_seats(room, self.seats.fits, held)
+                if joining:
+                    await self.join(joining)
         elif fairest is not None:
             if not self.seated:  # seated captions never wait for a fuller batch
                 await self.gather()

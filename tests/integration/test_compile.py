@@ -1,15 +1,12 @@
-"""BLIP_COMPILE: the static-cache greedy decoder gives generate's tokens (tiny model, fp32), in
-process with the step uncompiled; compiled (vision tower and step) through the real server; and a
-restart reads its compiled kernels from BLIP_COMPILE_CACHE."""
+"""BLIP_COMPILE: the vision tower and the engine's decoder step compiled, through the real server
+(tiny model, fp32): generate's captions, and a restart reads its compiled kernels from
+BLIP_COMPILE_CACHE. The engine's maths uncompiled: tests/unit/model/test_engine.py."""
 
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import pytest
-import torch
 
-from blip_serve.decoding.images import ImageLimits, ResizeSpec, prepare_image
 from blip_serve.shared.settings import load_settings
 from support.clients import post_caption, post_concurrently
 from support.images import encode, scene
@@ -23,40 +20,8 @@ def captioner(tiny_model_dir):
     return BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "fp32"}))
 
 
-@pytest.fixture(scope="module")
-def pixel_values(captioner, tiny_model_dir):
-    spec = ResizeSpec.from_model_dir(tiny_model_dir)
-    pixels = [prepare_image(encode(scene(700 + i), "PNG"), ImageLimits(), spec).pixels for i in range(6)]
-    return captioner.normalize(np.stack(pixels))
-
-
-@pytest.mark.parametrize(
-    "prompt, max_new_tokens, min_new_tokens",
-    [(None, 20, 0), (None, 12, 12), ("a picture of", 10, 0), ("a picture of", 15, 4)],
-)
-def test_static_cache_decoder_gives_generates_tokens(captioner, pixel_values, prompt, max_new_tokens, min_new_tokens):
-    from blip_serve.model.compiled_generate import StaticCacheDecoder
-
-    decoder = StaticCacheDecoder(captioner.model, "cpu")
-    decoder.step = decoder.decode_step  # the same maths, uncompiled: compiling is the server test's part
-    prompt_ids = None
-    if prompt:
-        prompt_ids = captioner.processor.tokenizer([prompt] * len(pixel_values), return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        expected = captioner.model.generate(
-            pixel_values=pixel_values,
-            input_ids=None if prompt_ids is None else prompt_ids.clone(),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens or None,
-            do_sample=False,
-            num_beams=1,
-        )
-    tokens = decoder.generate(pixel_values, prompt_ids, max_new_tokens, min_new_tokens)
-    assert tokens.tolist() == expected.tolist()
-
-
 def test_a_generation_config_with_other_rules_keeps_generate(captioner):
-    from blip_serve.model.compiled_generate import unsupported_settings
+    from blip_serve.model.engine import unsupported_settings
 
     config = captioner.model.text_decoder.generation_config
     assert unsupported_settings(captioner.model) == []

@@ -245,3 +245,212 @@ def test_the_batch_cost_bound_still_fills_ordinary_batches():
 
     virtual_time.run(scenario())
     assert [len(batch) for batch in model.batches] == [8, 8, 4, 4]  # 40-token captions: 4 a batch
+
+
+class Seats:
+    """A step-level decoder whose every step takes `step_s` and every join `join_s`: each seated
+    job needs max_new_tokens tokens, the first from its join. Remembers who shared each step."""
+
+    def __init__(self, seats: int = 4, step_s: float = 0.01, join_s: float = 0.02):
+        self.seats, self.step_s, self.join_s = seats, step_s, join_s
+        self.seated: dict[object, list] = {}  # ticket -> [job, tokens so far]
+        self.steps: list[set[str]] = []
+        self.joins: list[list[str]] = []
+        self.released: list[str] = []
+
+    def fits(self, job: Job) -> bool:
+        return job.num_beams == 1
+
+    def free_seats(self) -> int:
+        return self.seats - len(self.seated)
+
+    def busy_seats(self) -> int:
+        return len(self.seated)
+
+    async def join(self, tickets, jobs):
+        assert len(tickets) <= self.free_seats()
+        self.joins.append([job.name for job in jobs])
+        await asyncio.sleep(self.join_s)
+        self.seated.update({ticket: [job, 1] for ticket, job in zip(tickets, jobs)})
+        return self.leave()
+
+    async def step(self):
+        self.steps.append({job.name for job, _ in self.seated.values()})
+        await asyncio.sleep(self.step_s)
+        for state in self.seated.values():
+            state[1] += 1
+        return self.leave()
+
+    def leave(self):
+        done = [(t, f"caption of {job.name}") for t, (job, n) in self.seated.items() if n >= job.max_new_tokens]
+        for ticket, _ in done:
+            del self.seated[ticket]
+        return done
+
+    def release(self, ticket) -> None:
+        self.released.append(self.seated.pop(ticket)[0].name)
+
+
+def seat_batcher(model: Model, seats: Seats, observer: BatchObserver | None = None, max_queued: int = 64) -> Batcher:
+    return Batcher(model, max_batch_size=seats.seats, max_queued=max_queued, observer=observer, seats=seats)
+
+
+def test_a_short_caption_joins_running_steps_and_leaves_before_a_long_one():
+    seats = Seats(seats=4)
+    finished: list[str] = []
+
+    async def caption(b: Batcher, job: Job, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        finished.extend(await b.submit([job], timeout_s=30))
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        await asyncio.gather(
+            caption(b, Job("long", max_new_tokens=100), 0), caption(b, Job("short", max_new_tokens=5), 0.1)
+        )
+
+    virtual_time.run(scenario())
+    assert finished == ["caption of short", "caption of long"]
+    shared = [step for step in seats.steps if step == {"long", "short"}]
+    assert len(shared) == 4  # the short one's 4 steps ran beside the long one: it never waited for it
+
+
+def test_captions_with_different_options_share_steps():
+    """Each client its own prompt and length: one step serves them all (a batch would not)."""
+    seats = Seats(seats=8)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        jobs = [Job(f"client{k}", max_new_tokens=12 + 2 * k) for k in range(8)]
+        return await asyncio.gather(*(b.submit([job], timeout_s=30) for job in jobs))
+
+    virtual_time.run(scenario())
+    assert max(len(step) for step in seats.steps) == 8
+    assert sum(map(len, seats.joins)) == 8 and max(map(len, seats.joins)) == 2  # two encoded between steps
+
+
+def test_a_client_with_many_connections_gets_one_share():
+    """Client "many" sends 16 single-image calls at once (one per connection), "one" a single call
+    just after: it joins among the first few, not behind the other client's 16."""
+    seats = Seats(seats=1, join_s=0.01)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        many = [b.submit([Job(f"many{i}")], timeout_s=30, client="10.0.0.1") for i in range(16)]
+        tasks = [asyncio.create_task(call) for call in many]
+        await asyncio.sleep(0.001)
+        await b.submit([Job("one")], timeout_s=30, client="10.0.0.2")
+        await asyncio.gather(*tasks)
+
+    virtual_time.run(scenario())
+    order = [name for joined in seats.joins for name in joined]
+    assert order.index("one") <= 2, order
+
+
+def test_per_call_flows_without_a_client_still_take_turns():
+    """Without a client (client=None) each call is its own flow, as before."""
+    seats = Seats(seats=1, join_s=0.01)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        big = asyncio.create_task(b.submit([Job(f"big{i}") for i in range(8)], timeout_s=30))
+        await asyncio.sleep(0.001)
+        await b.submit([Job("single")], timeout_s=30)
+        await big
+
+    virtual_time.run(scenario())
+    order = [name for joined in seats.joins for name in joined]
+    assert order.index("single") <= 2, order
+
+
+def test_a_cancelled_call_frees_its_seat_at_the_next_step():
+    seats = Seats(seats=1)
+    observer = Recorder()
+
+    async def scenario():
+        b = seat_batcher(Model(), seats, observer)
+        gone = asyncio.create_task(b.submit([Job("gone", max_new_tokens=100)], timeout_s=30))
+        await asyncio.sleep(0.1)  # seated, a few steps in
+        waiting = asyncio.create_task(b.submit([Job("next", max_new_tokens=3)], timeout_s=30))
+        await asyncio.sleep(0.05)
+        steps_before = len(seats.steps)
+        gone.cancel()
+        result = await waiting
+        return result, len(seats.steps) - steps_before
+
+    result, steps = virtual_time.run(scenario())
+    assert result == ["caption of next"]
+    assert seats.released == ["gone"]
+    assert steps <= 4  # at most the step running when it was cancelled, then "next"'s own
+
+
+def test_a_seated_call_past_its_deadline_is_dropped():
+    seats = Seats(seats=2)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        return await asyncio.gather(
+            b.submit([Job("slow", max_new_tokens=1000)], timeout_s=1),
+            b.submit([Job("quick", max_new_tokens=3)], timeout_s=1),
+            return_exceptions=True,
+        )
+
+    slow, quick = virtual_time.run(scenario())
+    assert isinstance(slow, CallDropped) and "deadline" in str(slow)
+    assert quick == ["caption of quick"] and seats.released == ["slow"] and not seats.seated
+
+
+def test_beam_searches_run_as_batches_and_greedy_ones_take_seats():
+    model, seats = Model(cost_s=0.05), Seats(seats=4)
+
+    async def scenario():
+        b = seat_batcher(model, seats)
+        return await asyncio.gather(
+            b.submit([Job("greedy", max_new_tokens=10)], timeout_s=30),
+            b.submit([Job("beams1", num_beams=2), Job("beams2", num_beams=2)], timeout_s=30),
+        )
+
+    assert virtual_time.run(scenario()) == [["caption of greedy"], ["caption of beams1", "caption of beams2"]]
+    assert model.batches == [["beams1", "beams2"]]
+    assert seats.joins == [["greedy"]]
+
+
+def test_a_failing_step_fails_its_seated_callers_and_the_batcher_carries_on():
+    seats = Seats(seats=2)
+
+    async def broken_step():
+        raise RuntimeError("simulated device fault")
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        real_step, seats.step = seats.step, broken_step
+        first = await asyncio.gather(b.submit([Job("a", max_new_tokens=5)], timeout_s=30), return_exceptions=True)
+        seats.step = real_step
+        return first, await b.submit([Job("b", max_new_tokens=5)], timeout_s=30)
+
+    first, second = virtual_time.run(scenario())
+    assert isinstance(first[0], RuntimeError) and second == ["caption of b"]
+    assert seats.released == ["a"]
+
+
+def test_while_others_wait_no_client_holds_more_than_half_the_seats():
+    """A client whose 8 long captions arrived first holds 2 of 4 seats once another client waits:
+    the other's short captions run in the rest, and never wait for the long ones to end."""
+    seats = Seats(seats=4)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        long = asyncio.create_task(
+            b.submit([Job(f"long{i}", max_new_tokens=1000) for i in range(8)], timeout_s=300, client="heavy")
+        )
+        await asyncio.sleep(0.001)
+        short = await asyncio.gather(
+            *(b.submit([Job(f"short{i}", max_new_tokens=5)], timeout_s=300, client="light") for i in range(6))
+        )
+        long.cancel()
+        return short
+
+    assert virtual_time.run(scenario()) == [[f"caption of short{i}"] for i in range(6)]
+    during = [step for step in seats.steps if any(name.startswith("short") for name in step)]
+    assert all(sum(name.startswith("long") for name in step) <= 2 for step in during[1:]), during[:4]
+    assert len(seats.steps) < 100  # the short captions never waited for a 1,000-token one

@@ -1,0 +1,128 @@
+"""The step-level decoder in-process (blip_serve/model/engine.py, tiny model, fp32): captions with
+their own prompts and lengths share steps, join and leave between them, and each equals transformers'
+`generate` for that image alone, token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blip_serve.decoding.images import ImageLimits, ResizeSpec, prepare_image
+from blip_serve.shared.settings import load_settings
+from support.images import encode, scene
+
+PROMPTS = [None, "a picture of", "dog", None, "a photo of a", "the"]
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    from blip_serve.model.captioner import BlipCaptioner
+
+    return BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "fp32"}))
+
+
+@pytest.fixture(scope="module")
+def pixels(tiny_model_dir) -> list[np.ndarray]:
+    spec = ResizeSpec.from_model_dir(tiny_model_dir)
+    return [prepare_image(encode(scene(900 + i), "PNG"), ImageLimits(), spec).pixels for i in range(12)]
+
+
+def generate_alone(captioner, pixels: np.ndarray, prompt: str | None, max_new_tokens: int, min_new_tokens: int):
+    """transformers' generate for one image: its token ids, the padding after [SEP] none (one row)."""
+    inputs = {}
+    if prompt:
+        tokens = captioner.processor.tokenizer(prompt, return_tensors="pt")
+        inputs = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    with torch.inference_mode():
+        output = captioner.model.generate(
+            pixel_values=captioner.normalize(pixels[None]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
+            num_beams=1,
+            do_sample=False,
+            **inputs,
+        )
+    return output[0].tolist()
+
+
+def engine(captioner, seats: int):
+    from blip_serve.model.engine import SeatEngine
+
+    return SeatEngine(captioner.model, seats)
+
+
+def join(captioner, engine, requests: list[tuple[int, np.ndarray, str | None, int, int]]):
+    tickets = [ticket for ticket, *_ in requests]
+    values = captioner.normalize(np.stack([pixels for _, pixels, *_ in requests]))
+    prompts = [captioner.start_tokens(prompt or "") for _, _, prompt, _, _ in requests]
+    limits = [(most, least) for *_, most, least in requests]
+    return engine.join(tickets, values, prompts, limits)
+
+
+def test_mixed_prompts_and_lengths_sharing_steps_equal_generate_alone(captioner, pixels):
+    """Twelve images, six prompts, lengths 3 to 25, some with a minimum: four seats, two joining
+    between steps, each leaving when it ends."""
+    requests = [(i, pixels[i], PROMPTS[i % len(PROMPTS)], 3 + (i * 7) % 23, 5 if i % 4 == 1 else 0) for i in range(12)]
+    seats = engine(captioner, 4)
+    waiting, tokens, steps_shared = list(requests), {}, []
+    while waiting or seats.busy_seats():
+        joining, waiting = waiting[: min(2, seats.free_seats())], waiting[min(2, seats.free_seats()) :]
+        finished = join(captioner, seats, joining) if joining else []
+        steps_shared.append({seat.ticket for seat in seats.seats if seat is not None})
+        finished += seats.step()
+        tokens.update({done.ticket: done.tokens for done in finished})
+
+    assert max(len(shared) for shared in steps_shared) == 4  # the steps were shared
+    for ticket, image, prompt, most, least in requests:
+        assert tokens[ticket] == generate_alone(captioner, image, prompt, most, least), (ticket, prompt, most)
+
+
+def test_a_seat_frees_the_step_its_caption_ends_and_the_next_image_takes_it(captioner, pixels):
+    seats = engine(captioner, 2)
+    assert join(captioner, seats, [("long", pixels[0], None, 20, 20), ("short", pixels[1], None, 3, 3)]) == []
+    assert seats.step() == []  # the second token of each
+    [short] = seats.step()  # the short caption's third and last token
+    assert short.ticket == "short" and seats.free_seats() == 1
+    assert join(captioner, seats, [("next", pixels[2], "a picture of", 6, 6)]) == []
+    assert seats.free_seats() == 0
+    finished = {}
+    while seats.busy_seats():
+        finished.update({done.ticket: done.tokens for done in seats.step()})
+    assert list(finished) == ["next", "long"]  # the later image ends first: it never waited for "long"
+    assert short.tokens == generate_alone(captioner, pixels[1], None, 3, 3)
+    assert finished["next"] == generate_alone(captioner, pixels[2], "a picture of", 6, 6)
+    assert finished["long"] == generate_alone(captioner, pixels[0], None, 20, 20)
+
+
+def test_a_released_seat_is_free_at_once_and_never_answered(captioner, pixels):
+    seats = engine(captioner, 2)
+    join(captioner, seats, [("gone", pixels[0], None, 10, 10), ("stays", pixels[1], None, 4, 4)])
+    seats.release("gone")
+    assert seats.free_seats() == 1
+    answered = [done.ticket for _ in range(3) for done in seats.step()]
+    assert answered == ["stays"] and seats.busy_seats() == 0
+
+
+def test_a_caption_that_ends_at_its_first_token_never_takes_a_seat(captioner, pixels):
+    seats = engine(captioner, 1)
+    [done] = join(captioner, seats, [("one", pixels[0], None, 1, 0)])
+    assert done.tokens == generate_alone(captioner, pixels[0], None, 1, 0) and seats.free_seats() == 1
+    with pytest.raises(ValueError, match="2 images for 1 free seats"):
+        join(captioner, seats, [("a", pixels[0], None, 5, 0), ("b", pixels[1], None, 5, 0)])
+
+
+def test_the_cache_grows_for_a_long_caption_while_others_decode(captioner, pixels):
+    """A caption that needs more positions than the buffers hold grows them between steps; the
+    captions already seated keep their keys and values."""
+    seats = engine(captioner, 2)
+    join(captioner, seats, [("short", pixels[0], None, 8, 8)])
+    seats.step()
+    capacity = seats.self_keys[0].shape[2]
+    join(captioner, seats, [("long", pixels[1], "a picture of", 60, 60)])
+    assert seats.self_keys[0].shape[2] > capacity
+    finished = {}
+    while seats.busy_seats():
+        finished.update({done.ticket: done.tokens for done in seats.step()})
+    assert finished["short"] == generate_alone(captioner, pixels[0], None, 8, 8)
+    assert finished["long"] == generate_alone(captioner, pixels[1], "a picture of", 60, 60)
