@@ -428,7 +428,9 @@ def client_of(request: Request) -> str:
     """Who sent the request, for the model's fair queue: the client's address (behind a proxy, the
     address it forwards: uvicorn takes X-Forwarded-For from the addresses FORWARDED_ALLOW_IPS trusts),
     so that more connections buy no larger share. One API key is shared by every client: no identity."""
-    return request.client.host if request.client else ""
+    address = request.client.host if request.client else ""
+    log_fields(request)["client"] = address
+    return address
 
 
 def check_api_key(request: Request) -> None:

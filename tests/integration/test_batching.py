@@ -129,3 +129,42 @@ def test_a_lone_request_after_a_burst_is_as_fast_as_before(server):
     after = min(lone_caption_s() for _ in range(3))
     print(f"lone /caption: {before:.3f} s before the burst ({dict(statuses)}), {after:.3f} s after")
     assert after < 2.0 and after <= max(5 * before, 0.5), (before, after)
+
+
+MIXED_PROMPTS = [None, "a picture of", "a photo of a", "the"]
+
+
+def test_captions_with_their_own_prompts_and_lengths_share_steps_and_equal_generate_alone(server, reference):
+    """Twelve clients, each its own prompt and max_new_tokens, at once: they share decoder steps
+    (a batch could not mix them), and each caption is transformers' generate for that image alone."""
+    images = [encode(scene(1200 + i), "PNG") for i in range(12)]
+    fields = [
+        {"max_new_tokens": str(6 + 3 * i), **({"prompt": MIXED_PROMPTS[i % 4]} if MIXED_PROMPTS[i % 4] else {})}
+        for i in range(12)
+    ]
+    steps_before = metric(server, "blip_step_captions_count")
+    captions_before = metric(server, "blip_step_captions_sum")
+    answers = post_concurrently(f"{server.url}/caption", images, fields=fields)
+    steps = metric(server, "blip_step_captions_count") - steps_before
+    captions_per_step = (metric(server, "blip_step_captions_sum") - captions_before) / steps
+
+    assert [a.status for a in answers] == [200] * 12
+    expected = [
+        reference.caption(data, prompt=MIXED_PROMPTS[i % 4], max_new_tokens=6 + 3 * i) for i, data in enumerate(images)
+    ]
+    assert [a.body["caption"] for a in answers] == expected
+    assert captions_per_step > 1.5, captions_per_step
+
+
+def test_clients_are_known_by_address_and_a_forwarded_one_only_from_a_trusted_proxy(server):
+    """The fair queue's clients: a request from 127.0.0.1 (uvicorn's default FORWARDED_ALLOW_IPS,
+    where nginx would be) counts as the address it forwards; from anywhere else, as its own address,
+    whatever it forwards."""
+    image = {"file": ("a.png", IMAGE)}
+    proxied = httpx.post(f"{server.url}/caption", files=image, headers={"X-Forwarded-For": "203.0.113.7"})
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as elsewhere:
+        spoofed = elsewhere.post(f"{server.url}/caption", files=image, headers={"X-Forwarded-For": "203.0.113.8"})
+    assert proxied.status_code == spoofed.status_code == 200
+    log = server.log_text()
+    assert "client=203.0.113.7" in log
+    assert "client=127.0.0.2" in log and "203.0.113.8" not in log

@@ -126,3 +126,39 @@ def test_the_cache_grows_for_a_long_caption_while_others_decode(captioner, pixel
         finished.update({done.ticket: done.tokens for done in seats.step()})
     assert finished["short"] == generate_alone(captioner, pixels[0], None, 8, 8)
     assert finished["long"] == generate_alone(captioner, pixels[1], "a picture of", 60, 60)
+
+
+def test_through_the_captioner_a_job_that_fails_joining_fails_alone(captioner, pixels, monkeypatch):
+    """The captioner's side of the seats: a refused job is answered 400 at once, a job whose encode
+    fails unexpectedly gets its own 500, and the others are seated and captioned as generate would."""
+    from blip_serve.shared.jobs import CaptionJob
+
+    real_join = captioner.engine.join
+
+    def join_that_fails_on_a_marked_image(tickets, values, prompts, limits):
+        if "marked" in tickets:
+            raise RuntimeError("simulated device fault")
+        return real_join(tickets, values, prompts, limits)
+
+    monkeypatch.setattr(captioner.engine, "join", join_that_fails_on_a_marked_image)
+    tickets = ["a", "wrong shape", "marked", "b"]
+    jobs = [
+        CaptionJob(pixels=pixels[0], max_new_tokens=8),
+        CaptionJob(pixels=np.zeros((3, 10, 10), np.uint8), max_new_tokens=8),
+        CaptionJob(pixels=pixels[1], max_new_tokens=8),
+        CaptionJob(pixels=pixels[2], prompt="a picture of", max_new_tokens=12),
+    ]
+    answered = dict(captioner.join_here(tickets, jobs))
+    while captioner.busy_seats():
+        answered.update(captioner.step_here())
+
+    assert answered["wrong shape"].status == 400 and "pixels must be" in answered["wrong shape"].error
+    assert answered["marked"].status == 500
+    assert answered["marked"].error == "internal error: the model failed on this image; see the server log"
+    assert answered["a"].caption == captioner.processor.decode(
+        generate_alone(captioner, pixels[0], None, 8, 0), skip_special_tokens=True
+    )
+    assert answered["b"].caption == captioner.processor.decode(
+        generate_alone(captioner, pixels[2], "a picture of", 12, 0), skip_special_tokens=True
+    )
+    assert captioner.free_seats() == captioner.engine.free_seats() == len(captioner.engine.seats)
