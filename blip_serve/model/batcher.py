@@ -223,9 +223,9 @@ class Seats(Protocol[J, R]):
 
     def busy_seats(self) -> int: ...
 
-    async def join(self, tickets: list[object], jobs: list[J]) -> list[tuple[object, R]]: ...
+    async def join(self, tickets: list[object], jobs: list[J], priorities: list[float]) -> list[tuple[object, R]]: ...
 
-    async def step(self) -> list[tuple[object, R]]: ...
+    async def step(self, share: bool) -> list[tuple[object, R]]: ...
 
     def release(self, ticket: object) -> None: ...
 
@@ -350,16 +350,20 @@ class Batcher(Generic[J, R]):
         self.observer.queued(len(self.queue))
         self.seated.extend(joining)
         try:
-            self.answer(await self.seats.join(joining, [p.job for p in joining]))
+            self.answer(await self.seats.join(joining, [p.job for p in joining], [p.tag for p in joining]))
         except Exception as exc:  # the seats answer per job; this is a fault of the whole join
             self.fail(joining, exc)
         self.observer.batch_done(self.clock() - started)
         self.observer.seats(self.seats.busy_seats())
 
     async def step(self) -> None:
+        """Encode what joined, then one decoder step. While the seats hold more than one client's
+        captions, encoding takes turns with steps (`share`): one client's images, however many,
+        do not stall another's captions for long."""
         started = self.clock()
+        share = len({p.flow.client for p in self.seated}) > 1
         try:
-            self.answer(await self.seats.step())
+            self.answer(await self.seats.step(share))
         except Exception as exc:
             self.fail(list(self.seated), exc)
         duration = self.clock() - started

@@ -160,7 +160,10 @@ class BlipCaptioner:
                 "greedy captions run as whole batches: the generation config sets %s", ", ".join(unsupported)
             )
         compile_model = pick_compile(settings.compile, self.device, self.precision)
-        self.engine = None if unsupported else SeatEngine(self.model, settings.max_batch_size, compile_model)
+        self.engine = None
+        if not unsupported:  # a vision tower compiled as a whole (on a CPU) runs whole
+            piecewise = not (compile_model and self.device == "cpu")
+            self.engine = SeatEngine(self.model, settings.max_batch_size, compile_model, piecewise)
         self.compiled_parts = []
         if compile_model:
             if settings.compile_cache:  # inductor reads it when it first caches: before any compile
@@ -219,7 +222,7 @@ class BlipCaptioner:
                 continue
             self.join_here([object() for _ in jobs], jobs)
             while self.engine.busy_seats():
-                self.engine.step()
+                self.step_here()
         cache = counters["inductor"]
         logger.info(
             "BLIP_COMPILE: compiled in %.0f s (%d of %d graphs from the cache in %s)",
@@ -281,18 +284,23 @@ class BlipCaptioner:
     def release(self, ticket: object) -> None:
         self.engine.release(ticket)
 
-    async def join(self, tickets: list[object], jobs: list[CaptionJob]) -> list[tuple[object, CaptionResult]]:
-        return await asyncio.wrap_future(self.thread.submit(self.join_here, tickets, jobs))
+    async def join(
+        self, tickets: list[object], jobs: list[CaptionJob], priorities: list[float]
+    ) -> list[tuple[object, CaptionResult]]:
+        return await asyncio.wrap_future(self.thread.submit(self.join_here, tickets, jobs, priorities))
 
-    async def step(self) -> list[tuple[object, CaptionResult]]:
-        return await asyncio.wrap_future(self.thread.submit(self.step_here))
+    async def step(self, share: bool = False) -> list[tuple[object, CaptionResult]]:
+        return await asyncio.wrap_future(self.thread.submit(self.step_here, share))
 
-    def join_here(self, tickets: list[object], jobs: list[CaptionJob]) -> list[tuple[object, CaptionResult]]:
-        """Seat each job, or answer it: a job the model refuses, or a caption that ended at once."""
+    def join_here(
+        self, tickets: list[object], jobs: list[CaptionJob], priorities: list[float] | None = None
+    ) -> list[tuple[object, CaptionResult]]:
+        """Take a seat for each job (its image is encoded by the next steps), or answer it: a job
+        the model refuses, or one whose pixels fail."""
         answered, joining = [], []
-        for ticket, job in zip(tickets, jobs):
+        for ticket, job, priority in zip(tickets, jobs, priorities or [0.0] * len(jobs)):
             try:
-                joining.append((ticket, job, self.check(job)))
+                joining.append((ticket, job, self.check(job), priority))
             except JobRejected as exc:
                 answered.append((ticket, self.failure(exc)))
         self.join_group(joining, answered)
@@ -303,12 +311,14 @@ class BlipCaptioner:
         caption_group does): a job that fails alone gets its own error."""
         if not joining:
             return
-        tickets, jobs, prompts = zip(*joining)
+        tickets, jobs, prompts, priorities = zip(*joining)
         try:
             with torch.inference_mode():
                 pixel_values = self.pixel_values(list(jobs)).to(self.input_dtype)
             limits = [(job.max_new_tokens, min(self.min_new_tokens, job.max_new_tokens)) for job in jobs]
-            finished = self.engine.join(list(tickets), pixel_values, list(prompts), limits)
+            finished = self.engine.join(
+                list(tickets), pixel_values, list(prompts), limits, list(priorities), encode_now=False
+            )
         except Exception as exc:
             for ticket in tickets:
                 self.engine.release(ticket)
@@ -321,8 +331,35 @@ class BlipCaptioner:
             return
         answered.extend((done.ticket, self.finished_result(done)) for done in finished)
 
-    def step_here(self) -> list[tuple[object, CaptionResult]]:
-        return [(done.ticket, self.finished_result(done)) for done in self.engine.step()]
+    def caption_in_seats(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
+        """Greedy jobs through the seats on this thread, as the batcher feeds them when they all
+        arrive at once (load_test.ceiling: the model's own rate): as many join as there are free
+        seats, then steps until every job is answered."""
+        waiting, answered = list(enumerate(jobs)), {}
+        while waiting or self.engine.busy_seats():
+            joining, waiting = waiting[: self.engine.free_seats()], waiting[self.engine.free_seats() :]
+            if joining:
+                answered.update(self.join_here(*zip(*joining)))
+            answered.update(self.step_here())
+        return [answered[index] for index in range(len(jobs))]
+
+    def step_here(self, share: bool = False) -> list[tuple[object, CaptionResult]]:
+        """Encode the images waiting for their seats, then one decoder step. `share`: the seated
+        captions are other clients' than the images being encoded, so encode only about as long as
+        a step takes before stepping (a CPU spends ~25 steps' time on one image's vision tower)."""
+        answered, encoding = [], [image.ticket for image in self.engine.encoding]
+        budget_s = self.engine.last_step_s if share and self.engine.decoding() else None
+        try:
+            finished = self.engine.encode(budget_s)
+        except Exception as exc:  # every image being encoded gets the error; seated captions go on
+            seated = {seat.ticket for seat in self.engine.seats if seat is not None}
+            failed = [ticket for ticket in encoding if ticket not in seated]
+            for ticket in failed:
+                self.engine.release(ticket)
+            answered += [(ticket, self.failure(exc)) for ticket in failed]
+            finished = []
+        finished += self.engine.step()
+        return answered + [(done.ticket, self.finished_result(done)) for done in finished]
 
     def finished_result(self, done: Finished) -> CaptionResult:
         caption = self.processor.tokenizer.decode(done.tokens, skip_special_tokens=True)

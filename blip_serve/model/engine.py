@@ -23,6 +23,7 @@ The engine is plain torch on the model's thread; blip_serve/model/batcher.py dec
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -84,10 +85,24 @@ class Finished:
     stopped: bool = False
 
 
-class SeatEngine:
-    """BLIP's text decoder over `seats` rows of key/value buffers."""
+@dataclass(eq=False)
+class Encoding:
+    """One image on its way through the vision tower, a layer at a time; its seat is kept for it."""
 
-    def __init__(self, model: BlipForConditionalGeneration, seats: int, compile_step: bool = False):
+    ticket: object
+    prompt: list[int]
+    limits: tuple[int, int]  # (max_new_tokens, min_new_tokens)
+    priority: float  # the smallest goes first (the fair queue's tag)
+    hidden: torch.Tensor  # (1, image tokens, width): the hidden states after `layer` layers
+    layer: int = 0
+
+
+class SeatEngine:
+    """BLIP's text decoder over `seats` rows of key/value buffers, and the vision tower in pieces."""
+
+    def __init__(
+        self, model: BlipForConditionalGeneration, seats: int, compile_step: bool = False, piecewise: bool = True
+    ):
         self.model = model
         self.decoder = model.text_decoder
         text = model.config.text_config
@@ -100,6 +115,14 @@ class SeatEngine:
         self.self_values: list[torch.Tensor] = []
         self.cross_keys: list[torch.Tensor] = []  # per layer: (seats, heads, image tokens, head_dim)
         self.cross_values: list[torch.Tensor] = []
+        self.vision = model.vision_model
+        self.text_dtype = next(self.decoder.parameters()).dtype
+        # The vision tower runs layer by layer, so that its work can be spread between steps; off
+        # where it is compiled as a whole (BLIP_COMPILE on a CPU).
+        self.piecewise = piecewise
+        self.encoding: list[Encoding] = []
+        self.layer_s = 0.0  # one image through one vision layer, measured: how many fit a budget
+        self.last_step_s = 0.0
         self.step_rows = self.decode_step
         if compile_step:
             # The rows and the cache length are symbolic: one graph for every step.
@@ -107,32 +130,91 @@ class SeatEngine:
             self.step_rows = torch.compile(self.decode_step, dynamic=True, fullgraph=True, options=options)
 
     def free_seats(self) -> int:
-        return self.seats.count(None)
+        return self.seats.count(None) - len(self.encoding)
 
     def busy_seats(self) -> int:
+        """Seats taken: captions being written, and images being encoded for them."""
         return len(self.seats) - self.free_seats()
+
+    def decoding(self) -> int:
+        return len(self.seats) - self.seats.count(None)
 
     def release(self, ticket: object) -> None:
         """Free the ticket's seat (its caller is gone): the next image may take it."""
         for index, seat in enumerate(self.seats):
             if seat is not None and seat.ticket is ticket:
                 self.seats[index] = None
+        self.encoding = [image for image in self.encoding if image.ticket is not ticket]
 
     @torch.inference_mode()
     def join(
-        self, tickets: list[object], pixel_values: torch.Tensor, prompts: list[list[int]], limits: list[tuple[int, int]]
+        self,
+        tickets: list[object],
+        pixel_values: torch.Tensor,
+        prompts: list[list[int]],
+        limits: list[tuple[int, int]],
+        priorities: list[float] | None = None,
+        encode_now: bool = True,
     ) -> list[Finished]:
-        """Seat one image per ticket (at most free_seats()): `prompts` are the decoder's start tokens
-        ([DEC] + prompt), `limits` (max_new_tokens, min_new_tokens). Returns the captions that ended
-        at their first token."""
+        """Take a seat for each ticket's image (at most free_seats()): `prompts` are the decoder's
+        start tokens ([DEC] + prompt), `limits` (max_new_tokens, min_new_tokens). With `encode_now`
+        the images are encoded and seated here; else their encoding waits for `encode` (in the
+        order of `priorities`, smallest first). Returns the captions that ended at their first token."""
         if len(tickets) > self.free_seats():
             raise ValueError(f"{len(tickets)} images for {self.free_seats()} free seats")
-        image_embeds = self.model.vision_model(pixel_values=pixel_values)[0]
+        if not self.piecewise:
+            return self.seat(tickets, self.vision(pixel_values=pixel_values)[0], prompts, limits)
+        hidden = self.vision.embeddings(pixel_values)
+        for row, ticket in enumerate(tickets):
+            priority = priorities[row] if priorities else 0.0
+            self.encoding.append(Encoding(ticket, prompts[row], limits[row], priority, hidden[row : row + 1]))
+        return self.encode() if encode_now else []
+
+    @torch.inference_mode()
+    def encode(self, budget_s: float | None = None) -> list[Finished]:
+        """Run the waiting images through the vision tower's layers, the first in priority order
+        first: all of them, or for about `budget_s` (at least one image through one layer). Images
+        at the same layer run as one batch. Seats the images that came through; returns the
+        captions that ended at their first token."""
+        layers = self.vision.encoder.layers
+        started, finished = time.perf_counter(), []
+        while self.encoding:
+            self.encoding.sort(key=lambda image: image.priority)
+            first = self.encoding[0]
+            group = [image for image in self.encoding if image.layer == first.layer]
+            if budget_s is not None and self.layer_s:
+                left = budget_s - (time.perf_counter() - started)
+                group = group[: max(1, int(left / self.layer_s))]
+            before = time.perf_counter()
+            hidden = layers[first.layer](torch.cat([image.hidden for image in group]))
+            for row, image in enumerate(group):
+                image.hidden, image.layer = hidden[row : row + 1], image.layer + 1
+            self.layer_s = (time.perf_counter() - before) / len(group)
+            through = [image for image in self.encoding if image.layer == len(layers)]
+            if through:
+                self.encoding = [image for image in self.encoding if image.layer < len(layers)]
+                embeds = self.vision.post_layernorm(torch.cat([image.hidden for image in through]))
+                # What BlipVisionModel returns, in the decoder's dtype (`hybrid`: bf16 tower, fp32 decoder).
+                finished += self.seat(
+                    [image.ticket for image in through],
+                    embeds.to(self.text_dtype),
+                    [image.prompt for image in through],
+                    [image.limits for image in through],
+                )
+            if budget_s is not None and time.perf_counter() - started >= budget_s:
+                break
+        return finished
+
+    def seat(
+        self, tickets: list[object], image_embeds: torch.Tensor, prompts: list[list[int]], limits: list[tuple[int, int]]
+    ) -> list[Finished]:
+        """Prefill each image's prompt (images with one prompt together, as generate does) and
+        seat it with its first token; returns the captions that ended with it."""
         finished = []
         by_prompt: dict[tuple[int, ...], list[int]] = {}
         for row, prompt in enumerate(prompts):
             by_prompt.setdefault(tuple(prompt), []).append(row)
-        for prompt, rows in by_prompt.items():  # images with one prompt share a prefill, as in generate
+        for prompt, rows in by_prompt.items():
             embeds = image_embeds[rows]
             ids = torch.tensor([prompt] * len(rows), device=embeds.device)
             cache = EncoderDecoderCache(
@@ -209,6 +291,7 @@ class SeatEngine:
         seated = [(index, seat) for index, seat in enumerate(self.seats) if seat is not None]
         if not seated:
             return []
+        started = time.perf_counter()
         rows = seated[-1][0] + 1  # empty seats below the last one run too (their rows are ignored)
         device = self.self_keys[0].device
         tokens = torch.full((rows, 1), self.pad, dtype=torch.long)
@@ -226,6 +309,7 @@ class SeatEngine:
             [values[:rows] for values in self.cross_values],
         )
         self.pick([seat for _, seat in seated], logits[[index for index, _ in seated]])
+        self.last_step_s = time.perf_counter() - started  # pick's tolist() waited for the device
         finished = []
         for index, seat in seated:
             if seat.done():

@@ -257,6 +257,7 @@ class Seats:
         self.steps: list[set[str]] = []
         self.joins: list[list[str]] = []
         self.released: list[str] = []
+        self.shared: list[bool] = []  # did each step share the model between clients?
 
     def fits(self, job: Job) -> bool:
         return job.num_beams == 1
@@ -267,14 +268,15 @@ class Seats:
     def busy_seats(self) -> int:
         return len(self.seated)
 
-    async def join(self, tickets, jobs):
-        assert len(tickets) <= self.free_seats()
+    async def join(self, tickets, jobs, priorities):
+        assert len(tickets) <= self.free_seats() and len(priorities) == len(jobs)
         self.joins.append([job.name for job in jobs])
         await asyncio.sleep(self.join_s)
         self.seated.update({ticket: [job, 1] for ticket, job in zip(tickets, jobs)})
         return self.leave()
 
-    async def step(self):
+    async def step(self, share):
+        self.shared.append(share)
         self.steps.append({job.name for job, _ in self.seated.values()})
         await asyncio.sleep(self.step_s)
         for state in self.seated.values():
@@ -418,7 +420,7 @@ def test_beam_searches_run_as_batches_and_greedy_ones_take_seats():
 def test_a_failing_step_fails_its_seated_callers_and_the_batcher_carries_on():
     seats = Seats(seats=2)
 
-    async def broken_step():
+    async def broken_step(share):
         raise RuntimeError("simulated device fault")
 
     async def scenario():
@@ -454,3 +456,19 @@ def test_while_others_wait_no_client_holds_more_than_half_the_seats():
     during = [step for step in seats.steps if any(name.startswith("short") for name in step)]
     assert all(sum(name.startswith("long") for name in step) <= 2 for step in during[1:]), during[:4]
     assert len(seats.steps) < 100  # the short captions never waited for a 1,000-token one
+
+
+def test_encoding_takes_turns_with_steps_only_while_two_clients_are_seated():
+    seats = Seats(seats=4)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        first = asyncio.create_task(b.submit([Job("a", max_new_tokens=20)], timeout_s=30, client="a"))
+        await asyncio.sleep(0.05)
+        await b.submit([Job("b", max_new_tokens=5)], timeout_s=30, client="b")
+        await first
+
+    virtual_time.run(scenario())
+    alone = [share for share, step in zip(seats.shared, seats.steps) if step == {"a"}]
+    assert len(alone) > 10 and not any(alone)
+    assert [share for share, step in zip(seats.shared, seats.steps) if "b" in step] == [True] * 4

@@ -135,10 +135,10 @@ def test_through_the_captioner_a_job_that_fails_joining_fails_alone(captioner, p
 
     real_join = captioner.engine.join
 
-    def join_that_fails_on_a_marked_image(tickets, values, prompts, limits):
+    def join_that_fails_on_a_marked_image(tickets, *args, **kwargs):
         if "marked" in tickets:
             raise RuntimeError("simulated device fault")
-        return real_join(tickets, values, prompts, limits)
+        return real_join(tickets, *args, **kwargs)
 
     monkeypatch.setattr(captioner.engine, "join", join_that_fails_on_a_marked_image)
     tickets = ["a", "wrong shape", "marked", "b"]
@@ -162,3 +162,33 @@ def test_through_the_captioner_a_job_that_fails_joining_fails_alone(captioner, p
         generate_alone(captioner, pixels[2], "a picture of", 12, 0), skip_special_tokens=True
     )
     assert captioner.free_seats() == captioner.engine.free_seats() == len(captioner.engine.seats)
+
+
+def test_the_vision_tower_in_pieces_between_steps_gives_generates_captions(captioner, pixels):
+    """Images wait for their encoding in priority order and go through the vision tower a layer
+    (and, within a budget, an image) at a time, between the seated captions' steps."""
+    seats = engine(captioner, 3)
+    join(captioner, seats, [("seated", pixels[0], None, 12, 12)])
+    requests = [("later", pixels[1], "a picture of", 6, 6), ("sooner", pixels[2], None, 5, 5)]
+    values = captioner.normalize(np.stack([image for _, image, *_ in requests]))
+    prompts = [captioner.start_tokens(prompt or "") for _, _, prompt, _, _ in requests]
+    seats.join(["later", "sooner"], values, prompts, [(6, 6), (5, 5)], priorities=[2.0, 1.0], encode_now=False)
+    assert seats.free_seats() == 0 and seats.decoding() == 1  # their seats are kept while they encode
+
+    assert seats.encode(budget_s=0.0) == []  # the smallest budget: one image through one layer
+    assert {image.ticket: image.layer for image in seats.encoding} == {"sooner": 1, "later": 0}
+    finished = {}
+    while seats.busy_seats():
+        finished.update({done.ticket: done.tokens for done in seats.encode(budget_s=0.0) + seats.step()})
+    assert finished["sooner"] == generate_alone(captioner, pixels[2], None, 5, 5)
+    assert finished["later"] == generate_alone(captioner, pixels[1], "a picture of", 6, 6)
+    assert finished["seated"] == generate_alone(captioner, pixels[0], None, 12, 12)
+
+
+def test_an_image_released_while_it_encodes_frees_its_seat(captioner, pixels):
+    seats = engine(captioner, 1)
+    values = captioner.normalize(pixels[0][None])
+    seats.join(["gone"], values, [captioner.start_tokens("")], [(5, 5)], encode_now=False)
+    assert seats.free_seats() == 0
+    seats.release("gone")
+    assert seats.free_seats() == 1 and seats.encode() == [] and seats.step() == []
