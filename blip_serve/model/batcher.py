@@ -225,7 +225,7 @@ class Seats(Protocol[J, R]):
 
     async def join(self, tickets: list[object], jobs: list[J], priorities: list[float]) -> list[tuple[object, R]]: ...
 
-    async def step(self, share: bool) -> list[tuple[object, R]]: ...
+    async def step(self, spread: set) -> list[tuple[object, R]]: ...
 
     def release(self, ticket: object) -> None: ...
 
@@ -357,13 +357,15 @@ class Batcher(Generic[J, R]):
         self.observer.seats(self.seats.busy_seats())
 
     async def step(self) -> None:
-        """Encode what joined, then one decoder step. While the seats hold more than one client's
-        captions, encoding takes turns with steps (`share`): one client's images, however many,
-        do not stall another's captions for long."""
+        """Encode what joined, then one decoder step. The images of a client that holds more seats
+        than another are encoded in pieces between steps (`spread`), about a step's time each: its
+        images, however many, do not stall the other's captions, and the other's images encode at once."""
         started = self.clock()
-        share = len({p.flow.client for p in self.seated}) > 1
+        held = Counter(p.flow.client for p in self.seated)
+        fewest = min(held.values(), default=0)
+        spread = {p for p in self.seated if held[p.flow.client] > fewest}
         try:
-            self.answer(await self.seats.step(share))
+            self.answer(await self.seats.step(spread))
         except Exception as exc:
             self.fail(list(self.seated), exc)
         duration = self.clock() - started

@@ -289,8 +289,8 @@ class BlipCaptioner:
     ) -> list[tuple[object, CaptionResult]]:
         return await asyncio.wrap_future(self.thread.submit(self.join_here, tickets, jobs, priorities))
 
-    async def step(self, share: bool = False) -> list[tuple[object, CaptionResult]]:
-        return await asyncio.wrap_future(self.thread.submit(self.step_here, share))
+    async def step(self, spread: set) -> list[tuple[object, CaptionResult]]:
+        return await asyncio.wrap_future(self.thread.submit(self.step_here, spread))
 
     def join_here(
         self, tickets: list[object], jobs: list[CaptionJob], priorities: list[float] | None = None
@@ -343,14 +343,15 @@ class BlipCaptioner:
             answered.update(self.step_here())
         return [answered[index] for index in range(len(jobs))]
 
-    def step_here(self, share: bool = False) -> list[tuple[object, CaptionResult]]:
-        """Encode the images waiting for their seats, then one decoder step. `share`: the seated
-        captions are other clients' than the images being encoded, so encode only about as long as
-        a step takes before stepping (a CPU spends ~25 steps' time on one image's vision tower)."""
+    def step_here(self, spread: set | frozenset = frozenset()) -> list[tuple[object, CaptionResult]]:
+        """Encode the images waiting for their seats, then one decoder step. The images of tickets
+        in `spread` are encoded only for about as long as a step takes, before each step (a CPU
+        spends ~25 steps' time on one image's vision tower): the batcher's choice, so that one
+        client's images do not stall other clients' captions."""
         answered, encoding = [], [image.ticket for image in self.engine.encoding]
-        budget_s = self.engine.last_step_s if share and self.engine.decoding() else None
+        budget_s = self.engine.last_step_s if spread and self.engine.decoding() else None
         try:
-            finished = self.engine.encode(budget_s)
+            finished = self.engine.encode(budget_s, spread)
         except Exception as exc:  # every image being encoded gets the error; seated captions go on
             seated = {seat.ticket for seat in self.engine.seats if seat is not None}
             failed = [ticket for ticket in encoding if ticket not in seated]

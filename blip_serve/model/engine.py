@@ -4,10 +4,11 @@
 keeps its row, and a new image waits for the whole batch. Here every image has a seat of its own in
 the decoder's key/value buffers, with its own prompt, position and max_new_tokens:
 
-- **join**: a new image is encoded (vision tower), its prompt runs through transformers' own decoder
-  once (the prefill `generate` does: it also makes the image's cross-attention keys and values,
-  kept in the seat), and it picks its first token. From the next step on it decodes beside the
-  others, whatever their prompts and lengths.
+- **join**: a new image takes a seat and is encoded: the vision tower, a layer at a time, so that
+  the batcher can spread that work between steps (`encode` with a time budget); then its prompt
+  runs through transformers' own decoder once (the prefill `generate` does: it also makes the
+  image's cross-attention keys and values, kept in the seat), and it picks its first token. From
+  the next step on it decodes beside the others, whatever their prompts and lengths.
 - **step**: one token for every seat, in one batch; each row attends to its own positions only.
 - **leave**: a seat frees the step its caption ends (the end token, or its max_new_tokens), or when
   its caller is gone (`release`), and the next image can take it at once.
@@ -171,18 +172,24 @@ class SeatEngine:
         return self.encode() if encode_now else []
 
     @torch.inference_mode()
-    def encode(self, budget_s: float | None = None) -> list[Finished]:
-        """Run the waiting images through the vision tower's layers, the first in priority order
-        first: all of them, or for about `budget_s` (at least one image through one layer). Images
+    def encode(self, budget_s: float | None = None, spread: set | frozenset = frozenset()) -> list[Finished]:
+        """Run the waiting images through the vision tower's layers, in priority order (smallest
+        first), the images of tickets in `spread` last: all of them, or, with `budget_s`, the
+        images in `spread` only for about that long (at least one image through one layer). Images
         at the same layer run as one batch. Seats the images that came through; returns the
         captions that ended at their first token."""
         layers = self.vision.encoder.layers
         started, finished = time.perf_counter(), []
         while self.encoding:
-            self.encoding.sort(key=lambda image: image.priority)
+            self.encoding.sort(key=lambda image: (image.ticket in spread, image.priority))
             first = self.encoding[0]
-            group = [image for image in self.encoding if image.layer == first.layer]
-            if budget_s is not None and self.layer_s:
+            limited = budget_s is not None and first.ticket in spread
+            group = [
+                image
+                for image in self.encoding
+                if image.layer == first.layer and (image.ticket in spread) == (first.ticket in spread)
+            ]
+            if limited and self.layer_s:
                 left = budget_s - (time.perf_counter() - started)
                 group = group[: max(1, int(left / self.layer_s))]
             before = time.perf_counter()
@@ -201,7 +208,7 @@ class SeatEngine:
                     [image.prompt for image in through],
                     [image.limits for image in through],
                 )
-            if budget_s is not None and time.perf_counter() - started >= budget_s:
+            if limited and time.perf_counter() - started >= budget_s:
                 break
         return finished
 

@@ -257,7 +257,7 @@ class Seats:
         self.steps: list[set[str]] = []
         self.joins: list[list[str]] = []
         self.released: list[str] = []
-        self.shared: list[bool] = []  # did each step share the model between clients?
+        self.spread: list[set[str]] = []  # the images each step was told to encode in pieces
 
     def fits(self, job: Job) -> bool:
         return job.num_beams == 1
@@ -275,8 +275,8 @@ class Seats:
         self.seated.update({ticket: [job, 1] for ticket, job in zip(tickets, jobs)})
         return self.leave()
 
-    async def step(self, share):
-        self.shared.append(share)
+    async def step(self, spread):
+        self.spread.append({self.seated[ticket][0].name for ticket in spread})
         self.steps.append({job.name for job, _ in self.seated.values()})
         await asyncio.sleep(self.step_s)
         for state in self.seated.values():
@@ -420,7 +420,7 @@ def test_beam_searches_run_as_batches_and_greedy_ones_take_seats():
 def test_a_failing_step_fails_its_seated_callers_and_the_batcher_carries_on():
     seats = Seats(seats=2)
 
-    async def broken_step(share):
+    async def broken_step(spread):
         raise RuntimeError("simulated device fault")
 
     async def scenario():
@@ -458,17 +458,23 @@ def test_while_others_wait_no_client_holds_more_than_half_the_seats():
     assert len(seats.steps) < 100  # the short captions never waited for a 1,000-token one
 
 
-def test_encoding_takes_turns_with_steps_only_while_two_clients_are_seated():
+def test_the_images_of_a_client_holding_more_seats_are_encoded_in_pieces():
+    """Client "crowd" holds more seats than "one": the crowd's images are spread between steps,
+    the other client's never; alone, nobody's are."""
     seats = Seats(seats=4)
 
     async def scenario():
         b = seat_batcher(Model(), seats)
-        first = asyncio.create_task(b.submit([Job("a", max_new_tokens=20)], timeout_s=30, client="a"))
+        crowd = [
+            asyncio.create_task(b.submit([Job(f"crowd{i}", max_new_tokens=20)], timeout_s=30, client="crowd"))
+            for i in range(3)
+        ]
         await asyncio.sleep(0.05)
-        await b.submit([Job("b", max_new_tokens=5)], timeout_s=30, client="b")
-        await first
+        await b.submit([Job("one", max_new_tokens=5)], timeout_s=30, client="one")
+        await asyncio.gather(*crowd)
 
     virtual_time.run(scenario())
-    alone = [share for share, step in zip(seats.shared, seats.steps) if step == {"a"}]
+    alone = [spread for spread, step in zip(seats.spread, seats.steps) if "one" not in step]
+    beside = [spread for spread, step in zip(seats.spread, seats.steps) if "one" in step]
     assert len(alone) > 10 and not any(alone)
-    assert [share for share, step in zip(seats.shared, seats.steps) if "b" in step] == [True] * 4
+    assert len(beside) == 4 and all(spread and spread <= {"crowd0", "crowd1", "crowd2"} for spread in beside)

@@ -175,14 +175,26 @@ def test_the_vision_tower_in_pieces_between_steps_gives_generates_captions(capti
     seats.join(["later", "sooner"], values, prompts, [(6, 6), (5, 5)], priorities=[2.0, 1.0], encode_now=False)
     assert seats.free_seats() == 0 and seats.decoding() == 1  # their seats are kept while they encode
 
-    assert seats.encode(budget_s=0.0) == []  # the smallest budget: one image through one layer
+    spread = {"later", "sooner"}
+    assert seats.encode(budget_s=0.0, spread=spread) == []  # the smallest budget: one image, one layer
     assert {image.ticket: image.layer for image in seats.encoding} == {"sooner": 1, "later": 0}
     finished = {}
     while seats.busy_seats():
-        finished.update({done.ticket: done.tokens for done in seats.encode(budget_s=0.0) + seats.step()})
+        steps = seats.encode(budget_s=0.0, spread=spread) + seats.step()
+        finished.update({done.ticket: done.tokens for done in steps})
     assert finished["sooner"] == generate_alone(captioner, pixels[2], None, 5, 5)
     assert finished["later"] == generate_alone(captioner, pixels[1], "a picture of", 6, 6)
     assert finished["seated"] == generate_alone(captioner, pixels[0], None, 12, 12)
+
+
+def test_images_not_spread_are_encoded_whole_before_the_spread_ones(captioner, pixels):
+    seats = engine(captioner, 3)
+    values = captioner.normalize(np.stack(pixels[:3]))
+    prompts = [captioner.start_tokens("")] * 3
+    seats.join(["a", "b", "urgent"], values, prompts, [(5, 5)] * 3, priorities=[0.0, 1.0, 2.0], encode_now=False)
+    seats.encode(budget_s=0.0, spread={"a", "b"})
+    assert seats.decoding() == 1 and [seat.ticket for seat in seats.seats if seat] == ["urgent"]
+    assert {image.ticket: image.layer for image in seats.encoding} == {"a": 1, "b": 0}
 
 
 def test_an_image_released_while_it_encodes_frees_its_seat(captioner, pixels):
