@@ -229,6 +229,8 @@ class Seats(Protocol[J, R]):
 
     def release(self, ticket: object) -> None: ...
 
+    def last_step(self) -> tuple[int, float]: ...  # the last decoder step's captions and seconds
+
 
 class Batcher(Generic[J, R]):
     """Feeds the model from the FairQueue: images join the decoder's free seats between steps
@@ -248,7 +250,8 @@ class Batcher(Generic[J, R]):
         self.queue: FairQueue[J] = FairQueue(max_batch_size, max_queued, max_batch_cost)
         self.observer = observer or BatchObserver()
         self.seats = seats
-        # Images encoded between two steps, at most: the seated captions wait while they encode.
+        # Images that join between two steps, at most: unless they are spread (`step`), they are
+        # encoded before the next step, and the seated captions wait for them.
         self.max_joining = max_joining or max(1, max_batch_size // 4)
         self.seated: list[Pending[J]] = []
         self.arrived = asyncio.Event()
@@ -368,8 +371,8 @@ class Batcher(Generic[J, R]):
             self.answer(await self.seats.step(spread))
         except Exception as exc:
             self.fail(list(self.seated), exc)
-        duration = self.clock() - started
-        self.observer.step(len(self.seated), duration)
+        captions, step_s = self.seats.last_step()
+        self.observer.step(captions, step_s, self.clock() - started)
         self.observer.seats(self.seats.busy_seats())
 
     def answer(self, finished: list[tuple[object, R]]) -> None:
@@ -436,8 +439,8 @@ class BatchObserver:
     def dropped(self, reason: str, images: int) -> None:
         pass
 
-    def step(self, seated: int, duration_s: float) -> None:
-        pass
+    def step(self, captions: int, step_s: float, turn_s: float) -> None:
+        """A decoder step advanced `captions` in `step_s`; with the encoding before it, `turn_s`."""
 
     def seats(self, busy: int) -> None:
         pass
@@ -505,10 +508,11 @@ class MetricsObserver(BatchObserver):
     def dropped(self, reason: str, images: int) -> None:
         self.drops.labels(reason=reason).inc(images)
 
-    def step(self, seated: int, duration_s: float) -> None:
-        self.steps.observe(duration_s)
-        self.step_rows.observe(seated)
-        self.busy.inc(duration_s)
+    def step(self, captions: int, step_s: float, turn_s: float) -> None:
+        if captions:
+            self.steps.observe(step_s)
+            self.step_rows.observe(captions)
+        self.busy.inc(turn_s)
 
     def seats(self, busy: int) -> None:
         self.busy_seats.set(busy)

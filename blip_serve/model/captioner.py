@@ -284,6 +284,9 @@ class BlipCaptioner:
     def release(self, ticket: object) -> None:
         self.engine.release(ticket)
 
+    def last_step(self) -> tuple[int, float]:
+        return self.engine.last_step_rows, self.engine.last_step_s
+
     async def join(
         self, tickets: list[object], jobs: list[CaptionJob], priorities: list[float]
     ) -> list[tuple[object, CaptionResult]]:

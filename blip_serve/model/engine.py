@@ -124,6 +124,7 @@ class SeatEngine:
         self.encoding: list[Encoding] = []
         self.layer_s = 0.0  # one image through one vision layer, measured: how many fit a budget
         self.last_step_s = 0.0
+        self.last_step_rows = 0  # captions the last step advanced
         self.step_rows = self.decode_step
         if compile_step:
             # The rows and the cache length are symbolic: one graph for every step.
@@ -296,6 +297,7 @@ class SeatEngine:
     def step(self) -> list[Finished]:
         """One token for every seated caption; returns the captions that ended with it."""
         seated = [(index, seat) for index, seat in enumerate(self.seats) if seat is not None]
+        self.last_step_rows = len(seated)
         if not seated:
             return []
         started = time.perf_counter()

@@ -292,6 +292,9 @@ class Seats:
     def release(self, ticket) -> None:
         self.released.append(self.seated.pop(ticket)[0].name)
 
+    def last_step(self) -> tuple[int, float]:
+        return len(self.steps[-1]) if self.steps else 0, self.step_s
+
 
 def seat_batcher(model: Model, seats: Seats, observer: BatchObserver | None = None, max_queued: int = 64) -> Batcher:
     return Batcher(model, max_batch_size=seats.seats, max_queued=max_queued, observer=observer, seats=seats)
