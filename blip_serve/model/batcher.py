@@ -1,33 +1,38 @@
-"""The model service's batching policy: which queued images share the next `generate`, and when it starts.
+"""The model service's scheduling policy: which queued images take the decoder's free seats (or
+share the next beam-search `generate`), and when.
 
 BentoML's own batcher (`batchable=True`) corks requests on a latency guess built from recent queue
 waits: with concurrent clients it settles into half-full batches, after an overload it holds lone
 requests for tens of seconds, it splits a big request into chunks that jump the queue, and it runs
-jobs whose clients are gone. blip-serve calls the model service through a plain async API and batches
-here instead. The policy, in full:
+jobs whose clients are gone. blip-serve calls the model service through a plain async API and
+schedules here instead. The policy, in full:
 
 1. **Admits in images.** At most `max_queued` images wait (the API refuses a request that would go
    past it with 503 + Retry-After, at once). A call's images are admitted whole or not at all.
-2. **Shares by cost.** Every call (one `/caption`, one `/captions`) is a flow. An image costs
-   `num_beams * max_new_tokens`. Start-time fair queueing: each image gets a tag, its flow's start
-   plus the cost of the flow's images before it; a call starts at the queue's virtual time, which
-   advances by each batch's cost divided by the flows waiting. The image with the smallest tag goes
-   first. A 32-image request takes turns with single ones, and an image asking for 4 beams and 100
-   tokens counts 20 times an ordinary one, so ordinary requests are not held behind heavy ones.
-3. **Fills.** A batch holds images with the same generation options (they share one `generate`), at
-   most `max_batch_size` sequences (images x beams) and at most `max_batch_cost` of cost (in the
-   service: a full batch of default-length captions), so that no batch takes much longer than an
-   ordinary full one: a heavy image runs alone. When the model frees and the batch is not full,
-   it waits for the clients the last batch answered to come back, but never longer than
-   `GATHER_FRACTION` of the last batch's duration; it starts at once when full, or when nobody is
-   expected. A lone request on an idle model starts at once: the only state kept is the last batch.
-4. **Lets go.** A call whose caller has gone (the API request was answered with a timeout, or its
-   client disconnected: the caller cancels the call) or whose deadline has passed is removed before
-   the next batch is formed; its images never reach the model.
+2. **Shares by cost and client.** An image costs `num_beams * max_new_tokens`. Start-time fair
+   queueing: each image gets a tag, its call's start plus the cost of the call's images before it;
+   a call starts at the queue's virtual time, or where its client's last call ended if that is
+   later, so a client's calls (on one connection or on many) share one fair share. The virtual time
+   advances by the cost taken divided by the clients waiting. The image with the smallest tag goes
+   first: a 32-image request takes turns with single ones, and an image asking for 100 tokens counts
+   5 times an ordinary one.
+3. **Seats, one step at a time** (`Seats`: engine.py behind the captioner). Greedy images take the
+   decoder's free seats in fair order, whatever their options, at most `max_joining` between two
+   steps; each step advances every seated caption, and a caption is answered the step it ends.
+   While other clients are active (images queued or seated, or answered within RECENT_S), no client
+   takes more than half the seats. The images of a client holding more seats than another are
+   encoded in pieces between steps (`spread`), the other's at once.
+4. **Beam batches.** Beam search runs as whole `generate` batches of images with the same options,
+   at most `max_batch_size` sequences (images x beams) and `max_batch_cost` of cost, between steps.
+   With no caption seated and a batch not full, it waits for the clients the last batch answered to
+   come back, never longer than `GATHER_FRACTION` of the last batch's duration.
+5. **Lets go.** A call whose caller has gone (the API request was answered with a timeout, or its
+   client disconnected: the caller cancels the call) or whose deadline has passed is removed from
+   the queue, and its seated images free their seats before the next step.
 
-`Batcher` is driven by asyncio and knows nothing about BLIP: `run_batch` captions a list of jobs
-(in the model service: on the model's own thread), and tests drive it with a fixed-cost callback.
-"""
+`Batcher` is driven by asyncio and knows nothing about BLIP: `run_batch` captions a list of jobs and
+`seats` runs the decoder (in the model service: on the model's own thread); tests drive both with
+fixed-cost fakes."""
 
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger("bentoml.blip_serve")
 GATHER_FRACTION = 0.2  # the longest wait for a fuller batch, as a share of the last batch's duration
+# A client answered this recently is still active: its next request is on its way (upload, decode).
+RECENT_S = 1.0
 
 
 class Job(Protocol):
@@ -177,15 +184,17 @@ class FairQueue(Generic[J]):
         """The next batch (see `form`), out of the queue."""
         return self.take(self.form(self.queued)) if self.queued else []
 
-    def take_seats(self, room: int, fits: Callable[[J], bool], held: Counter | None = None) -> list[Pending[J]]:
+    def take_seats(
+        self, room: int, fits: Callable[[J], bool], held: Counter | None = None, recent: frozenset = frozenset()
+    ) -> list[Pending[J]]:
         """Up to `room` images for the decoder's free seats: in fair order, any options, while they
         `fit` the seats (the first that does not, a beam search, waits for its own batch). While
-        other clients have images queued or seated, no client takes more than half the seats
-        (`held`: seats per client now): a seat is held for a whole caption, so one client's long
-        captions could otherwise take every seat another client's caption frees."""
+        other clients have images queued or seated, or were answered just now (`recent`), no client
+        takes more than half the seats (`held`: seats per client now): a seat is held for a whole
+        caption, so one client's long captions could otherwise take every seat another's frees."""
         held = Counter(held)
         most = -(-self.max_batch_size // 2)
-        active = {p.flow.client for p in self.queued} | {client for client, seats in held.items() if seats}
+        active = {p.flow.client for p in self.queued} | {client for client, seats in held.items() if seats} | recent
         chosen = []
         for pending in sorted(self.queued, key=self.sort_key):
             if len(chosen) == room or not fits(pending.job):
@@ -254,6 +263,7 @@ class Batcher(Generic[J, R]):
         # encoded before the next step, and the seated captions wait for them.
         self.max_joining = max_joining or max(1, max_batch_size // 4)
         self.seated: list[Pending[J]] = []
+        self.answered_at: dict[Hashable, float] = {}  # when each client's last image was answered
         self.arrived = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.last_duration = 0.0  # of the last batch
@@ -324,7 +334,7 @@ class Batcher(Generic[J, R]):
             room = min(self.seats.free_seats(), self.max_joining)
             if room:
                 held = Counter(p.flow.client for p in self.seated)
-                joining = self.queue.take_seats(room, self.seats.fits, held)
+                joining = self.queue.take_seats(room, self.seats.fits, held, self.recent_clients())
                 if joining:
                     await self.join(joining)
         elif fairest is not None:
@@ -365,7 +375,7 @@ class Batcher(Generic[J, R]):
         images, however many, do not stall the other's captions, and the other's images encode at once."""
         started = self.clock()
         held = Counter(p.flow.client for p in self.seated)
-        fewest = min(held.values(), default=0)
+        fewest = min((held[client] for client in {*held, *self.recent_clients()}), default=0)
         spread = {p for p in self.seated if held[p.flow.client] > fewest}
         try:
             self.answer(await self.seats.step(spread))
@@ -375,8 +385,16 @@ class Batcher(Generic[J, R]):
         self.observer.step(captions, step_s, self.clock() - started)
         self.observer.seats(self.seats.busy_seats())
 
+    def recent_clients(self) -> frozenset:
+        """Clients answered within RECENT_S: between two requests a client holds no seat, and
+        another's images would otherwise be encoded whole just as its next image arrives."""
+        now = self.clock()
+        self.answered_at = {c: t for c, t in self.answered_at.items() if now - t < RECENT_S}
+        return frozenset(self.answered_at)
+
     def answer(self, finished: list[tuple[object, R]]) -> None:
         for ticket, result in finished:
+            self.answered_at[ticket.flow.client] = self.clock()
             self.seated.remove(ticket)
             if not ticket.future.done():
                 ticket.future.set_result(result)
