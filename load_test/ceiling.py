@@ -53,7 +53,7 @@ def make_jobs(model_dir: str, count: int, tokens: int, jpegs: bool = False) -> l
 
 def caption(captioner: BlipCaptioner, jobs: list[CaptionJob]) -> list:
     """The path the server takes: greedy jobs through the step-level decoder's seats."""
-    if captioner.engine is not None and all(job.num_beams == 1 for job in jobs):
+    if all(captioner.fits(job) for job in jobs):
         return captioner.caption_in_seats(jobs)
     return captioner.caption_jobs(jobs)
 

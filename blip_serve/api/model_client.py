@@ -32,8 +32,9 @@ def queue_full(exc: BaseException) -> bool:
 async def send_jobs(
     call: Callable[..., Awaitable[list[CaptionResult]]], jobs: list[CaptionJob], timeout_s: float, client: str = ""
 ) -> list[CaptionResult]:
-    """`call(jobs)` for `client` (the model's fair queue shares by client), sent once more if it was lost on its connection; the model's queue drops the
-    jobs after `timeout_s`, or when this call is cancelled. Raises Unavailable (503, Retry-After) when
+    """`call(jobs)` for `client` (the model's fair queue shares by client), sent once more if it
+    was lost on its connection; the model's queue drops the jobs after `timeout_s`, or when this
+    call is cancelled. Raises Unavailable (503, Retry-After) when
     the queue is full or the model worker is being replaced; anything else is a server fault and
     propagates."""
     for attempt in range(1, ATTEMPTS + 1):

@@ -127,6 +127,21 @@ class PixelNormalizer:
         return normalized
 
 
+def in_halves(items: list, run, fail) -> None:
+    """`run(items)`; if it raises, split `items` in halves and run each the same way, down to one
+    item, which gets `fail(item, exc)`: the items that work are done, and one that fails fails
+    alone. Costs nothing while every item works."""
+    try:
+        run(items)
+    except Exception as exc:
+        if len(items) == 1:
+            fail(items[0], exc)
+            return
+        middle = len(items) // 2
+        in_halves(items[:middle], run, fail)
+        in_halves(items[middle:], run, fail)
+
+
 class BlipCaptioner:
     """BLIP on one device, captioning lists of CaptionJobs."""
 
@@ -247,22 +262,16 @@ class BlipCaptioner:
         return results  # type: ignore[return-value]
 
     def caption_group(self, jobs: list[CaptionJob], indices: list[int], results: list) -> None:
-        """Caption jobs[indices] in one generate. If it fails, split the group in halves and try
-        each: the jobs that work are captioned, and a job that fails alone gets its own error.
-        Costs nothing while every job works."""
-        group = [jobs[i] for i in indices]
-        try:
-            results_of_group = self.generate(group)
-        except Exception as exc:
-            if len(indices) > 1:
-                middle = len(indices) // 2
-                self.caption_group(jobs, indices[:middle], results)
-                self.caption_group(jobs, indices[middle:], results)
-                return
-            results[indices[0]] = self.failure(exc)
-            return
-        for index, result in zip(indices, results_of_group):
-            results[index] = result
+        """Caption jobs[indices] in one generate (in halves where it fails: `in_halves`)."""
+
+        def run(group: list[int]) -> None:
+            for index, result in zip(group, self.generate([jobs[i] for i in group])):
+                results[index] = result
+
+        def fail(index: int, exc: Exception) -> None:
+            results[index] = self.failure(exc)
+
+        in_halves(indices, run, fail)
 
     def failure(self, exc: Exception) -> CaptionResult:
         if isinstance(exc, JobRejected):
@@ -310,29 +319,28 @@ class BlipCaptioner:
         return answered
 
     def join_group(self, joining: list[tuple], answered: list) -> None:
-        """Seat `joining` in one encode. If it fails, split it in halves and try each (as
-        caption_group does): a job that fails alone gets its own error."""
-        if not joining:
-            return
-        tickets, jobs, prompts, priorities = zip(*joining)
-        try:
-            with torch.inference_mode():
-                pixel_values = self.pixel_values(list(jobs)).to(self.input_dtype)
-            limits = [(job.max_new_tokens, min(self.min_new_tokens, job.max_new_tokens)) for job in jobs]
-            finished = self.engine.join(
-                list(tickets), pixel_values, list(prompts), limits, list(priorities), encode_now=False
-            )
-        except Exception as exc:
-            for ticket in tickets:
-                self.engine.release(ticket)
-            if len(joining) > 1:
-                middle = len(joining) // 2
-                self.join_group(joining[:middle], answered)
-                self.join_group(joining[middle:], answered)
-            else:
-                answered.append((tickets[0], self.failure(exc)))
-            return
-        answered.extend((done.ticket, self.finished_result(done)) for done in finished)
+        """Seat `joining` in one encode (in halves where it fails: `in_halves`)."""
+
+        def run(group: list[tuple]) -> None:
+            tickets, jobs, prompts, priorities = zip(*group)
+            try:
+                with torch.inference_mode():
+                    pixel_values = self.pixel_values(list(jobs)).to(self.input_dtype)
+                limits = [(job.max_new_tokens, min(self.min_new_tokens, job.max_new_tokens)) for job in jobs]
+                finished = self.engine.join(
+                    list(tickets), pixel_values, list(prompts), limits, list(priorities), encode_now=False
+                )
+            except Exception:
+                for ticket in tickets:
+                    self.engine.release(ticket)
+                raise
+            answered.extend((done.ticket, self.finished_result(done)) for done in finished)
+
+        def fail(joined: tuple, exc: Exception) -> None:
+            answered.append((joined[0], self.failure(exc)))
+
+        if joining:
+            in_halves(joining, run, fail)
 
     def caption_in_seats(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """Greedy jobs through the seats on this thread, as the batcher feeds them when they all
@@ -340,7 +348,8 @@ class BlipCaptioner:
         seats, then steps until every job is answered."""
         waiting, answered = list(enumerate(jobs)), {}
         while waiting or self.engine.busy_seats():
-            joining, waiting = waiting[: self.engine.free_seats()], waiting[self.engine.free_seats() :]
+            free = self.engine.free_seats()
+            joining, waiting = waiting[:free], waiting[free:]
             if joining:
                 answered.update(self.join_here(*zip(*joining)))
             answered.update(self.step_here())
@@ -393,7 +402,8 @@ class BlipCaptioner:
     def generate(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """Captions for jobs that share prompt and options, in one generate (check: JobRejected)."""
         prompt, max_new_tokens, num_beams = jobs[0].generation_options()
-        start = len([self.check(job) for job in jobs][0])  # generate starts from [DEC] + the prompt's tokens
+        starts = [self.check(job) for job in jobs]  # generate starts from [DEC] + the prompt's tokens
+        start = len(starts[0])
         prompt_inputs = {}
         if prompt:
             tokens = self.processor.tokenizer(prompt, return_tensors="pt")  # once: every job has this prompt

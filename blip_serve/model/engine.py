@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import BlipForConditionalGeneration
@@ -81,9 +81,9 @@ class Seat:
 @dataclass
 class Finished:
     ticket: object
-    tokens: list[int] = field(default_factory=list)
-    start: int = 0
-    stopped: bool = False
+    tokens: list[int]
+    start: int
+    stopped: bool
 
 
 @dataclass(eq=False)
@@ -184,12 +184,9 @@ class SeatEngine:
         while self.encoding:
             self.encoding.sort(key=lambda image: (image.ticket in spread, image.priority))
             first = self.encoding[0]
-            limited = budget_s is not None and first.ticket in spread
-            group = [
-                image
-                for image in self.encoding
-                if image.layer == first.layer and (image.ticket in spread) == (first.ticket in spread)
-            ]
+            spread_first = first.ticket in spread
+            limited = budget_s is not None and spread_first
+            group = [im for im in self.encoding if im.layer == first.layer and (im.ticket in spread) == spread_first]
             if limited and self.layer_s:
                 left = budget_s - (time.perf_counter() - started)
                 group = group[: max(1, int(left / self.layer_s))]
