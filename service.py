@@ -26,7 +26,7 @@ import os
 import time
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -35,6 +35,7 @@ from blip_serve.api.docs import DESCRIPTION, openapi_document
 from blip_serve.api.docs import PAGE as DOCS_PAGE
 from blip_serve.api.fetch import fetch_image
 from blip_serve.api.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields, reading_more
+from blip_serve.api.model_channel import ModelChannel
 from blip_serve.api.model_client import model_service_ready, send_jobs
 from blip_serve.api.openai_api import (
     chat_completions_body,
@@ -58,8 +59,11 @@ from blip_serve.host.drain import (
     running,
     service_workers,
 )
+from blip_serve.host.runner import service_address
+from blip_serve.model import channel_server
 from blip_serve.model.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
 from blip_serve.shared import routes
+from blip_serve.shared.channel import PATH as CHANNEL_PATH
 from blip_serve.shared.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.shared.jobs import CaptionJob, CaptionResult
 from blip_serve.shared.model_files import describe_source, model_dir, model_source, served_model_id
@@ -89,7 +93,11 @@ LOGGING = {"access": {"enabled": False}}
 
 patches.apply()  # BentoML's and uvicorn's internals that a public endpoint cannot keep as they are
 
+# The API workers' calls reach the model service on one WebSocket each (blip_serve/shared/channel.py).
+channel = FastAPI()
 
+
+@bentoml.asgi_app(channel, path=CHANNEL_PATH)
 @bentoml.service(
     # One process per GPU: BentoML assigns the service this many GPUs and shows all of them to each
     # worker, and worker k uses the k-th. Where there is no GPU, the workers split the CPU's cores.
@@ -137,6 +145,11 @@ class BlipModelService:
     def drain_on_sigterm(self) -> None:
         self.drain.install()
         forget_dead_workers_gauges()  # a worker that died left its queued and in-batch counts
+
+    @channel.websocket("/")
+    async def serve_channel(self, websocket: WebSocket) -> None:
+        """An API worker's calls (caption_batch's, without an HTTP request for each)."""
+        await channel_server.serve_channel(websocket, self.batcher)
 
     @bentoml.api
     async def model_info(self) -> dict:
@@ -236,6 +249,8 @@ class CaptionAPI:
         self.uploads = UploadReader(settings, self.text_limits.max_new_tokens_limit)
         self.model_loaded = False
         self.model_workers: frozenset[int] = frozenset()  # the model workers' pids when it last answered
+        address = service_address(BlipModelService.name)
+        self.channel = ModelChannel(address) if address else None
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
@@ -255,6 +270,18 @@ class CaptionAPI:
     @bentoml.on_startup
     async def start_decoders(self) -> None:
         await self.decoders.warm_up()
+
+    @bentoml.on_shutdown
+    async def close_channel(self) -> None:
+        if self.channel:
+            await self.channel.close()
+
+    async def call_model(self, jobs: list[CaptionJob], timeout_s: float, client: str) -> list[CaptionResult]:
+        """BlipModelService.caption_batch: across processes on this worker's channel, else (in one
+        process: a test) directly."""
+        if self.channel:
+            return await self.channel.call(jobs, timeout_s, client)
+        return await self.model.to_async.caption_batch(jobs=jobs, timeout_s=timeout_s, client=client)
 
     async def __is_ready__(self) -> bool:  # BentoML's /readyz (async: no thread per probe)
         """Ready when not draining and the model service has answered its /readyz once. Asked first
@@ -345,7 +372,7 @@ class CaptionAPI:
         image = await self.prepare(data, request)
         decoded = time.perf_counter()
         [result] = await send_jobs(
-            self.model.to_async.caption_batch,
+            self.call_model,
             [caption_job(image, options)],
             settings.request_timeout_s,
             client_of(request),
@@ -371,9 +398,7 @@ class CaptionAPI:
         decoded = time.perf_counter()
         jobs = [caption_job(image, options) for image in prepared if isinstance(image, PreparedImage)]
         results = iter(
-            await send_jobs(self.model.to_async.caption_batch, jobs, settings.request_timeout_s, client_of(request))
-            if jobs
-            else []
+            await send_jobs(self.call_model, jobs, settings.request_timeout_s, client_of(request)) if jobs else []
         )
 
         answers = []

@@ -83,7 +83,9 @@ def measure_ceiling(args) -> list[dict]:
         "--json",
         str(out),
     ]
-    subprocess.run(command, check=True, env={**os.environ, **extra})
+    # OMP_WAIT_POLICY as the model service sets it (service.py): torch's threads sleep between
+    # operations, so the CPU an image measured is the model's work, not spinning.
+    subprocess.run(command, check=True, env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **extra})
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -91,7 +93,13 @@ def finish(steps: list[StepReport], args, extra: dict | None = None) -> None:
     print(table(steps))
     for c in (extra or {}).get("ceiling", []):
         print(
-            f"in-process ceiling: batch {c['batch_size']}, {c['precision']}, {c['threads']} threads: {c['images_per_s']} img/s"
+            f"in-process ceiling: batch {c['batch_size']}, {c['precision']}, {c['threads']} threads: "
+            f"{c['images_per_s']} img/s, {c.get('cpu_ms_per_image')} ms of CPU an image"
+        )
+    for r in (extra or {}).get("model_cpu_outside_model", []):
+        print(
+            f"blip-serve at concurrency {r['load']:g}: the model process spent {r['ms']} ms of CPU an image "
+            "beyond the model's own (in-process, at the largest batch)"
         )
     for r in (extra or {}).get("served_over_ceiling", []):
         print(
@@ -160,6 +168,16 @@ def compare(args) -> None:
             for s in steps
             if s.server == "blip-serve" and s.mode == "closed"
         ]
+        # What the model process spends around the model (HTTP, the channel, the batcher): its CPU
+        # per image served less the model's own CPU per image in-process, at the seats' batch size.
+        largest = max(c["batch_size"] for c in ceiling)
+        model_cpu = [c["cpu_ms_per_image"] for c in ceiling if c["batch_size"] == largest and "cpu_ms_per_image" in c]
+        if model_cpu:
+            extra["model_cpu_outside_model"] = [
+                {"load": s.load, "ms": round(s.model_cpu_ms_per_image - sum(model_cpu) / len(model_cpu), 2)}
+                for s in steps
+                if s.server == "blip-serve" and s.mode == "closed" and s.model_cpu_ms_per_image is not None
+            ]
     finish(steps, args, extra)
 
 

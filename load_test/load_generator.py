@@ -45,6 +45,7 @@ class StepReport:
     api_cpu_ms_per_image: float | None = None  # of which blip-serve's API side (HTTP, decode, resize)
     decode_cpu_ms_per_image: float | None = None  # of the API side, its decode processes
     model_cpu_ms_per_image: float | None = None  # and its model side (HTTP, batching, BLIP)
+    model_loop_cpu_ms_per_image: float | None = None  # of which its event loop: the calls, the batcher
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -229,4 +230,5 @@ async def run_step(
         api_cpu_ms_per_image=cpu_ms.get("api"),
         decode_cpu_ms_per_image=cpu_ms.get("decode"),
         model_cpu_ms_per_image=cpu_ms.get("model"),
+        model_loop_cpu_ms_per_image=cpu_ms.get("model_loop"),
     )

@@ -24,6 +24,7 @@ COLUMNS = [
     "api_cpu_ms_per_image",
     "decode_cpu_ms_per_image",
     "model_cpu_ms_per_image",
+    "model_loop_cpu_ms_per_image",
     "statuses",
 ]
 

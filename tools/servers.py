@@ -127,9 +127,10 @@ class ServerProcess:
     def cpu_seconds(self) -> dict[str, float | None]:
         """CPU time (user + system) of the server's processes so far, those that ended included:
         "total"; for blip-serve also "api" (its API workers with their decode processes), "decode"
-        (those decode processes alone) and "model" (its model workers); None where a server has no
-        such processes."""
-        seconds = {"total": 0.0, "api": None, "decode": None, "model": None}
+        (those decode processes alone), "model" (its model workers) and "model_loop" (their main
+        threads: the event loop that receives calls, batches and answers; BLIP runs in other threads);
+        None where a server has no such processes."""
+        seconds = {"total": 0.0, "api": None, "decode": None, "model": None, "model_loop": None}
         root = psutil.Process(self.process.pid)
         roles: dict[int, str] = {}
         for process in [root, *root.children(recursive=True)]:
@@ -146,6 +147,10 @@ class ServerProcess:
                 seconds[role] = (seconds[role] or 0.0) + spent
                 if role == "api" and roles.get(parent) == "api":
                     seconds["decode"] = (seconds["decode"] or 0.0) + spent
+                if role == "model" and "BlipModelService" in command:
+                    loop = next((t for t in process.threads() if t.id == process.pid), None)
+                    if loop is not None:
+                        seconds["model_loop"] = (seconds["model_loop"] or 0.0) + loop.user_time + loop.system_time
             seconds["total"] += spent
         return seconds
 

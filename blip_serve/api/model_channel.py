@@ -1,0 +1,126 @@
+"""An API worker's end of its channel to the model service (blip_serve/shared/channel.py): one WebSocket,
+opened on the first call and again after it closes, that carries every call of this worker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import aiohttp
+
+from blip_serve.shared import channel
+from blip_serve.shared.errors import Unavailable
+from blip_serve.shared.jobs import CaptionJob, CaptionResult
+
+
+class ChannelClosed(aiohttp.ServerDisconnectedError):
+    """The channel closed under a call (a model worker died or is being replaced): like a lost
+    keep-alive connection, the call may be sent again (api/model_client.py)."""
+
+
+class ModelChannel:
+    def __init__(self, address: str):
+        """`address`: the model service's, file:///a/socket or http://host:port (host/runner.py)."""
+        if address.startswith("file://"):
+            self.url, self.socket_path = "http://model" + channel.PATH + "/", address.removeprefix("file://")
+        else:
+            self.url, self.socket_path = address.rstrip("/") + channel.PATH + "/", None
+        self.session: aiohttp.ClientSession | None = None
+        self.websocket: aiohttp.ClientWebSocketResponse | None = None
+        self.connecting = asyncio.Lock()
+        self.sending = asyncio.Lock()
+        self.waiting: dict[int, tuple[aiohttp.ClientWebSocketResponse, asyncio.Future]] = {}
+        self.tasks: set[asyncio.Task] = set()  # readers, sends and cancels under way
+        self.ids = itertools.count(1)
+
+    async def call(self, jobs: list[CaptionJob], timeout_s: float, client: str = "") -> list[CaptionResult]:
+        """The jobs' results, as BlipModelService.caption_batch answers them. Raises ChannelClosed
+        (send again), Unavailable (the queue is full: 503) or RuntimeError (a fault in the model
+        service: 500). Cancelling the call cancels it in the model service too."""
+        websocket = await self.connected()
+        call_id = next(self.ids)
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting[call_id] = (websocket, answer)
+        header, chunks = channel.call_message(call_id, jobs, timeout_s, client)
+        # Sent whole even if the caller is cancelled meanwhile: half a call would garble the channel.
+        sent = self.in_background(self.send(websocket, header, chunks))
+        try:
+            await asyncio.shield(sent)
+            message = await answer
+        except asyncio.CancelledError:
+            if not websocket.closed:  # the caller is gone: its images leave the queue (sent after the call)
+                self.in_background(self.cancel(websocket, call_id))
+            raise
+        finally:
+            self.waiting.pop(call_id, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved: a send that failed first leaves it unread
+        if "unavailable" in message:
+            raise Unavailable("the server is at capacity; retry shortly")
+        if "fault" in message:
+            raise RuntimeError(f"the model service failed: {message['fault']}")
+        return channel.read_results(message)
+
+    async def send(self, websocket: aiohttp.ClientWebSocketResponse, header: str, chunks: list) -> None:
+        try:
+            async with self.sending:
+                await websocket.send_str(header)
+                for chunk in chunks:
+                    await websocket.send_bytes(chunk)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ChannelClosed(f"the channel to the model closed: {exc}") from None
+
+    def in_background(self, work) -> asyncio.Task:
+        """A task kept until it ends (the event loop keeps only weak references)."""
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # its caller may be gone
+        return task
+
+    async def cancel(self, websocket: aiohttp.ClientWebSocketResponse, call_id: int) -> None:
+        try:
+            async with self.sending:
+                await websocket.send_str(json.dumps({"cancel": call_id}))
+        except (ConnectionError, aiohttp.ClientError):
+            pass  # closed: the model service cancels every call of a closed channel
+
+    async def connected(self) -> aiohttp.ClientWebSocketResponse:
+        async with self.connecting:
+            if self.websocket is None or self.websocket.closed:
+                if self.session is None:
+                    connector = aiohttp.UnixConnector(self.socket_path) if self.socket_path else None
+                    # The timeout bounds opening the channel; the calls on it have their own deadlines.
+                    self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
+                try:
+                    self.websocket = await self.session.ws_connect(self.url, max_msg_size=0)
+                except aiohttp.WSServerHandshakeError as exc:  # the model worker is not serving yet
+                    raise ChannelClosed(f"the model service refused the channel: {exc.status}") from None
+                self.in_background(self.read_answers(self.websocket))
+            return self.websocket
+
+    async def read_answers(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
+        """Hand each answer to its call; when the channel closes, its calls in flight are lost (they
+        raise ChannelClosed, and are sent again on a new channel)."""
+        try:
+            async for message in websocket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    break
+                answer = json.loads(message.data)
+                _, future = self.waiting.get(answer["call"], (None, None))
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        finally:
+            if self.websocket is websocket:
+                self.websocket = None  # the next call opens a new channel
+            for on, future in list(self.waiting.values()):
+                if on is websocket and not future.done():
+                    future.set_exception(ChannelClosed("the channel to the model closed"))
+            await websocket.close()
+
+    async def close(self) -> None:
+        if self.websocket is not None:
+            await self.websocket.close()
+        if self.session is not None:
+            await self.session.close()

@@ -1,0 +1,240 @@
+"""The channel between an API worker and the model service (blip_serve/shared/channel.py): the API's
+end (api/model_channel.py) against the model's end (model/channel_server.py) served by a real uvicorn
+on a Unix socket, as `bentoml serve` serves it; a stand-in for the batcher only. What crosses, what
+each failure becomes, and that cancelling a call, or closing the channel, reaches the model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+
+import aiohttp
+import numpy as np
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+
+from blip_serve.api.model_channel import ChannelClosed, ModelChannel
+from blip_serve.api.model_client import lost_on_its_connection, send_jobs
+from blip_serve.model.batcher import QueueFull
+from blip_serve.model.channel_server import serve_channel
+from blip_serve.shared import channel
+from blip_serve.shared.errors import Unavailable
+from blip_serve.shared.jobs import CaptionJob, CaptionResult
+
+
+class Batcher:
+    """Captions each job with what it received; a prompt "hold" waits until released, "full" is
+    refused, "fail" is a fault. Records the calls it saw and the ones cancelled."""
+
+    def __init__(self):
+        self.calls, self.cancelled, self.release = [], [], asyncio.Event()
+
+    async def submit(self, jobs: list[CaptionJob], timeout_s: float, client=None) -> list[CaptionResult]:
+        self.calls.append((jobs, timeout_s, client))
+        prompt = jobs[0].prompt
+        if prompt == "full":
+            raise QueueFull("16 images queued")
+        if prompt == "fail":
+            raise ValueError("a broken batch")
+        if prompt == "hold":
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(jobs)
+                raise
+        return [
+            CaptionResult(
+                caption=f"{job.prompt} {int(job.pixels.sum())} {job.pixels.shape} {len(job.jpeg)} {client}",
+                new_tokens=job.max_new_tokens,
+            )
+            for job in jobs
+        ]
+
+
+def job(
+    prompt: str | None = "a", seed: int = 0, shape=(3, 384, 384), jpeg: bytes = b"", tokens: int = 20
+) -> CaptionJob:
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return CaptionJob(pixels=pixels, jpeg=jpeg, prompt=prompt, max_new_tokens=tokens)
+
+
+def expected(j: CaptionJob, client) -> str:
+    return f"{j.prompt} {int(j.pixels.sum())} {j.pixels.shape} {len(j.jpeg)} {client}"
+
+
+@contextlib.asynccontextmanager
+async def model_service(batcher: Batcher, socket: str):
+    """The model's end of the channel under uvicorn (its default WebSocket limits, as BentoML runs it)."""
+    app = Starlette(routes=[WebSocketRoute(channel.PATH + "/", lambda ws: serve_channel(ws, batcher))])
+    server = uvicorn.Server(uvicorn.Config(app, uds=socket, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await task
+
+
+def run(test) -> None:
+    """`test(batcher, socket)` beside a model service on a socket of its own."""
+
+    async def main():
+        with tempfile.TemporaryDirectory() as folder:
+            batcher, socket = Batcher(), f"{folder}/model.sock"
+            async with model_service(batcher, socket):
+                await test(batcher, socket)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_call_crosses_with_its_pixels_jpeg_options_and_client():
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        jobs = [job("a", 1), job(None, 2, shape=(3, 2, 5), jpeg=b"\xff\xd8jpeg"), job("b", 3, tokens=7)]
+        results = await model.call(jobs, timeout_s=12.5, client="10.0.0.7")
+        assert [r.caption for r in results] == [expected(j, "10.0.0.7") for j in jobs]
+        assert [r.new_tokens for r in results] == [20, 20, 7]
+        [(seen, timeout_s, client)] = batcher.calls
+        assert timeout_s == 12.5 and client == "10.0.0.7"
+        for sent, arrived in zip(jobs, seen):
+            assert np.array_equal(sent.pixels, arrived.pixels) and arrived.jpeg == sent.jpeg
+            assert arrived.generation_options() == sent.generation_options()
+        # no client: the call is a flow of its own in the batcher (None), not a client named ""
+        await model.call([job()], timeout_s=1, client="")
+        assert batcher.calls[-1][2] is None
+        await model.close()
+
+    run(test)
+
+
+def test_a_call_larger_than_a_websocket_message_crosses_in_chunks():
+    # 32 images' pixels and a 20 MB JPEG (BLIP_GPU_DECODE forwards files): past uvicorn's 16 MiB a message
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        jobs = [job("a", seed) for seed in range(32)] + [job("a", 99, jpeg=bytes(range(256)) * 80_000)]
+        header, chunks = channel.call_message(1, jobs, 1, "")
+        assert sum(len(c) for c in chunks) > 16 * 1024 * 1024 and max(len(c) for c in chunks) <= channel.CHUNK
+        results = await model.call(jobs, timeout_s=60, client="c")
+        assert [r.caption for r in results] == [expected(j, "c") for j in jobs]
+        assert batcher.calls[0][0][-1].jpeg == jobs[-1].jpeg
+        await model.close()
+
+    run(test)
+
+
+def test_calls_on_one_channel_are_answered_as_each_finishes():
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        held = asyncio.create_task(model.call([job("hold")], timeout_s=60, client="a"))
+        await asyncio.sleep(0.2)
+        [quick] = await model.call([job("quick", 5)], timeout_s=60, client="b")
+        assert quick.caption == expected(job("quick", 5), "b") and not held.done()
+        batcher.release.set()
+        [answer] = await held
+        assert answer.caption == expected(job("hold"), "a")
+        await model.close()
+
+    run(test)
+
+
+def test_a_cancelled_call_leaves_the_model_and_others_go_on():
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        held = asyncio.create_task(model.call([job("hold"), job("hold", 1)], timeout_s=60, client="a"))
+        await asyncio.sleep(0.2)
+        held.cancel()  # the API request ended (its client hung up)
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        for _ in range(100):
+            if batcher.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert len(batcher.cancelled) == 1 and len(batcher.cancelled[0]) == 2
+        [result] = await model.call([job("next")], timeout_s=60, client="a")  # the channel still serves
+        assert result.caption == expected(job("next"), "a")
+        await model.close()
+
+    run(test)
+
+
+def test_a_call_cancelled_while_it_is_sent_does_not_garble_the_channel():
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        await model.call([job("first")], timeout_s=60, client="a")  # the channel is open
+        big = [job("hold", seed) for seed in range(40)]  # ~18 MB: many messages
+        sending = asyncio.create_task(model.call(big, timeout_s=60, client="a"))
+        await asyncio.sleep(0)  # its first chunks are on their way
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        [result] = await model.call([job("next", 4)], timeout_s=60, client="b")
+        assert result.caption == expected(job("next", 4), "b")
+        for _ in range(100):
+            if batcher.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert [len(jobs) for jobs in batcher.cancelled] == [40]  # it arrived whole, and was cancelled
+        await model.close()
+
+    run(test)
+
+
+def test_a_full_queue_is_a_503_and_a_fault_in_the_model_an_error():
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        with pytest.raises(Unavailable, match="at capacity"):
+            await send_jobs(model.call, [job("full")], 60, "a")
+        with pytest.raises(RuntimeError, match="ValueError: a broken batch"):
+            await send_jobs(model.call, [job("fail")], 60, "a")
+        [result] = await model.call([job("after")], timeout_s=60, client="a")
+        assert result.caption == expected(job("after"), "a")
+        await model.close()
+
+    run(test)
+
+
+def test_a_channel_that_closes_loses_its_calls_and_the_next_call_opens_a_new_one():
+    async def main():
+        with tempfile.TemporaryDirectory() as folder:
+            batcher, socket = Batcher(), f"{folder}/model.sock"
+            model = ModelChannel(f"file://{socket}")
+            async with model_service(batcher, socket) as server:
+                held = asyncio.create_task(model.call([job("hold")], timeout_s=60, client="a"))
+                await asyncio.sleep(0.2)
+                server.force_exit = True  # the model worker dies under the call
+            with pytest.raises(ChannelClosed) as lost:
+                await held
+            assert lost_on_its_connection(lost.value)  # send_jobs sends it again
+            with pytest.raises(aiohttp.ClientConnectionError) as refused:  # nobody serves the socket
+                await model.call([job()], timeout_s=60, client="a")
+            assert lost_on_its_connection(refused.value)  # lost again: then a 503
+            with pytest.raises(Unavailable, match="restarting"):
+                await send_jobs(model.call, [job()], 60, "a")
+            async with model_service(Batcher(), socket):  # the worker is back, on the same socket
+                [result] = await send_jobs(model.call, [job("back")], 60, "a")
+                assert result.caption == expected(job("back"), "a")
+            await model.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_api_worker_that_closes_its_channel_takes_its_calls_out_of_the_model():
+    async def test(batcher, socket):
+        model = ModelChannel(f"file://{socket}")
+        held = asyncio.create_task(model.call([job("hold")], timeout_s=60, client="a"))
+        await asyncio.sleep(0.2)
+        await model.close()
+        with pytest.raises(ChannelClosed):
+            await held
+        for _ in range(100):
+            if batcher.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert len(batcher.cancelled) == 1
+
+    run(test)
