@@ -6,7 +6,8 @@ The request path, top to bottom, and the package each step lives in (the folder 
       -> uploads.read_one: the image bytes and options, or a 4xx  blip_serve/api/uploads.py
       -> text_limits.check: prompt + max_new_tokens fit the model  blip_serve/api/text_limits.py
       -> a decode process: checks, bytes -> upright RGB -> (3, 384, 384) uint8  blip_serve/decoding/
-      -> BlipModelService.caption_batch: queued, batched with others  blip_serve/model/batcher.py, captioner.py
+      -> BlipModelService, on this API worker's channel: queued, seated with others  blip_serve/shared/channel.py,
+         model/batcher.py, engine.py
       -> {"caption": "..."}, or {"error": "..."} with its status  blip_serve/api/http.py
 
     POST /captions (up to 32 "file" parts) takes the same path, all images in one model call, and
@@ -161,7 +162,8 @@ class BlipModelService:
     ) -> list[CaptionResult]:
         """One API request's images, batched with everyone else's by blip-serve's own policy
         (blip_serve/model/batcher.py): the calls of one `client` (its address) share one fair share.
-        Dropped from the queue if the caller hangs up or `timeout_s` passes."""
+        Dropped from the queue if the caller hangs up or `timeout_s` passes. The API workers make
+        this call on their channel (serve_channel); as an HTTP API it serves a caller in one process."""
         try:
             return await until_disconnected(ctx.request, self.batcher.submit(jobs, timeout_s, client or None))
         except QueueFull as exc:
