@@ -371,7 +371,7 @@ class Batcher(Generic[J, R]):
 
     async def step(self) -> None:
         """Encode what joined, then one decoder step. The images of a client that holds more seats
-        than another are encoded in pieces between steps (`spread`), about a step's time each: its
+        than another are encoded in pieces between steps (`spread`), half a step's time each: its
         images, however many, do not stall the other's captions, and the other's images encode at once."""
         started = self.clock()
         held = Counter(p.flow.client for p in self.seated)

@@ -32,6 +32,11 @@ from blip_serve.shared.model_files import RANDOM_WEIGHTS
 from blip_serve.shared.settings import Settings
 
 logger = logging.getLogger("bentoml.blip_serve")
+# The vision work of a client that holds more seats than another, between two steps: half a step's
+# time. With a whole step, a one-connection client beside a 64-connection one waited 3-4.7x alone
+# (p95; each of its steps took twice as long); half: 2.5x; a quarter: 2.6x, the other starved more
+# (docs/performance.md, "The step-level decoder").
+SPREAD_SHARE = 0.5
 
 
 class JobRejected(ValueError):
@@ -357,11 +362,11 @@ class BlipCaptioner:
 
     def step_here(self, spread: set | frozenset = frozenset()) -> list[tuple[object, CaptionResult]]:
         """Encode the images waiting for their seats, then one decoder step. The images of tickets
-        in `spread` are encoded only for about as long as a step takes, before each step (a CPU
+        in `spread` are encoded only for SPREAD_SHARE of a step's time, before each step (a CPU
         spends ~25 steps' time on one image's vision tower): the batcher's choice, so that one
         client's images do not stall other clients' captions."""
         answered, encoding = [], [image.ticket for image in self.engine.encoding]
-        budget_s = self.engine.last_step_s if spread and self.engine.decoding() else None
+        budget_s = SPREAD_SHARE * self.engine.last_step_s if spread and self.engine.decoding() else None
         try:
             finished = self.engine.encode(budget_s, spread)
         except Exception as exc:  # every image being encoded gets the error; seated captions go on

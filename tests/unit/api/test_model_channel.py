@@ -61,6 +61,15 @@ def job(
     return CaptionJob(pixels=pixels, jpeg=jpeg, prompt=prompt, max_new_tokens=tokens)
 
 
+async def cancelled(batcher: Batcher) -> list:
+    """The calls the model saw cancelled, once there are any (within a second)."""
+    for _ in range(100):
+        if batcher.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    return batcher.cancelled
+
+
 def expected(j: CaptionJob, client) -> str:
     return f"{j.prompt} {int(j.pixels.sum())} {j.pixels.shape} {len(j.jpeg)} {client}"
 
@@ -150,11 +159,7 @@ def test_a_cancelled_call_leaves_the_model_and_others_go_on():
         held.cancel()  # the API request ended (its client hung up)
         with pytest.raises(asyncio.CancelledError):
             await held
-        for _ in range(100):
-            if batcher.cancelled:
-                break
-            await asyncio.sleep(0.01)
-        assert len(batcher.cancelled) == 1 and len(batcher.cancelled[0]) == 2
+        assert [len(jobs) for jobs in await cancelled(batcher)] == [2]
         [result] = await model.call([job("next")], timeout_s=60, client="a")  # the channel still serves
         assert result.caption == expected(job("next"), "a")
         await model.close()
@@ -174,11 +179,7 @@ def test_a_call_cancelled_while_it_is_sent_does_not_garble_the_channel():
             await sending
         [result] = await model.call([job("next", 4)], timeout_s=60, client="b")
         assert result.caption == expected(job("next", 4), "b")
-        for _ in range(100):
-            if batcher.cancelled:
-                break
-            await asyncio.sleep(0.01)
-        assert [len(jobs) for jobs in batcher.cancelled] == [40]  # it arrived whole, and was cancelled
+        assert [len(jobs) for jobs in await cancelled(batcher)] == [40]  # it arrived whole, and was cancelled
         await model.close()
 
     run(test)
@@ -231,10 +232,6 @@ def test_an_api_worker_that_closes_its_channel_takes_its_calls_out_of_the_model(
         await model.close()
         with pytest.raises(ChannelClosed):
             await held
-        for _ in range(100):
-            if batcher.cancelled:
-                break
-            await asyncio.sleep(0.01)
-        assert len(batcher.cancelled) == 1
+        assert len(await cancelled(batcher)) == 1
 
     run(test)
