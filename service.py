@@ -251,8 +251,10 @@ class CaptionAPI:
         self.uploads = UploadReader(settings, self.text_limits.max_new_tokens_limit)
         self.model_loaded = False
         self.model_workers: frozenset[int] = frozenset()  # the model workers' pids when it last answered
+        # One channel reaches one model worker. With several (one per GPU), each call is its own HTTP
+        # request, as before the channel: the kernel spreads those connections over the workers.
         address = service_address(BlipModelService.name)
-        self.channel = ModelChannel(address) if address else None
+        self.channel = ModelChannel(address) if address and settings.model_workers == 1 else None
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
@@ -279,8 +281,8 @@ class CaptionAPI:
             await self.channel.close()
 
     async def call_model(self, jobs: list[CaptionJob], timeout_s: float, client: str) -> list[CaptionResult]:
-        """BlipModelService.caption_batch: across processes on this worker's channel, else (in one
-        process: a test) directly."""
+        """BlipModelService.caption_batch: on this worker's channel, else (several model workers,
+        or one process: a test) through BentoML's client."""
         if self.channel:
             return await self.channel.call(jobs, timeout_s, client)
         return await self.model.to_async.caption_batch(jobs=jobs, timeout_s=timeout_s, client=client)
