@@ -90,20 +90,23 @@ async def model_service(batcher: Batcher, socket: str):
 
 
 def run(test) -> None:
-    """`test(batcher, socket)` beside a model service on a socket of its own."""
+    """`test(batcher, model)`: an API worker's channel `model` to a model service on a socket of its own."""
 
     async def main():
         with tempfile.TemporaryDirectory() as folder:
             batcher, socket = Batcher(), f"{folder}/model.sock"
             async with model_service(batcher, socket):
-                await test(batcher, socket)
+                model = ModelChannel(f"file://{socket}")
+                try:
+                    await test(batcher, model)
+                finally:
+                    await model.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_a_call_crosses_with_its_pixels_jpeg_options_and_client():
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         jobs = [job("a", 1), job(None, 2, shape=(3, 2, 5), jpeg=b"\xff\xd8jpeg"), job("b", 3, tokens=7)]
         results = await model.call(jobs, timeout_s=12.5, client="10.0.0.7")
         assert [r.caption for r in results] == [expected(j, "10.0.0.7") for j in jobs]
@@ -116,29 +119,25 @@ def test_a_call_crosses_with_its_pixels_jpeg_options_and_client():
         # no client: the call is a flow of its own in the batcher (None), not a client named ""
         await model.call([job()], timeout_s=1, client="")
         assert batcher.calls[-1][2] is None
-        await model.close()
 
     run(test)
 
 
 def test_a_call_larger_than_a_websocket_message_crosses_in_chunks():
     # 32 images' pixels and a 20 MB JPEG (BLIP_GPU_DECODE forwards files): past uvicorn's 16 MiB a message
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         jobs = [job("a", seed) for seed in range(32)] + [job("a", 99, jpeg=bytes(range(256)) * 80_000)]
         header, chunks = channel.call_message(1, jobs, 1, "")
         assert sum(len(c) for c in chunks) > 16 * 1024 * 1024 and max(len(c) for c in chunks) <= channel.CHUNK
         results = await model.call(jobs, timeout_s=60, client="c")
         assert [r.caption for r in results] == [expected(j, "c") for j in jobs]
         assert batcher.calls[0][0][-1].jpeg == jobs[-1].jpeg
-        await model.close()
 
     run(test)
 
 
 def test_calls_on_one_channel_are_answered_as_each_finishes():
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         held = asyncio.create_task(model.call([job("hold")], timeout_s=60, client="a"))
         await asyncio.sleep(0.2)
         [quick] = await model.call([job("quick", 5)], timeout_s=60, client="b")
@@ -146,14 +145,12 @@ def test_calls_on_one_channel_are_answered_as_each_finishes():
         batcher.release.set()
         [answer] = await held
         assert answer.caption == expected(job("hold"), "a")
-        await model.close()
 
     run(test)
 
 
 def test_a_cancelled_call_leaves_the_model_and_others_go_on():
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         held = asyncio.create_task(model.call([job("hold"), job("hold", 1)], timeout_s=60, client="a"))
         await asyncio.sleep(0.2)
         held.cancel()  # the API request ended (its client hung up)
@@ -162,14 +159,12 @@ def test_a_cancelled_call_leaves_the_model_and_others_go_on():
         assert [len(jobs) for jobs in await cancelled(batcher)] == [2]
         [result] = await model.call([job("next")], timeout_s=60, client="a")  # the channel still serves
         assert result.caption == expected(job("next"), "a")
-        await model.close()
 
     run(test)
 
 
 def test_a_call_cancelled_while_it_is_sent_does_not_garble_the_channel():
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         await model.call([job("first")], timeout_s=60, client="a")  # the channel is open
         big = [job("hold", seed) for seed in range(40)]  # ~18 MB: many messages
         sending = asyncio.create_task(model.call(big, timeout_s=60, client="a"))
@@ -180,21 +175,18 @@ def test_a_call_cancelled_while_it_is_sent_does_not_garble_the_channel():
         [result] = await model.call([job("next", 4)], timeout_s=60, client="b")
         assert result.caption == expected(job("next", 4), "b")
         assert [len(jobs) for jobs in await cancelled(batcher)] == [40]  # it arrived whole, and was cancelled
-        await model.close()
 
     run(test)
 
 
 def test_a_full_queue_is_a_503_and_a_fault_in_the_model_an_error():
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         with pytest.raises(Unavailable, match="at capacity"):
             await send_jobs(model.call, [job("full")], 60, "a")
         with pytest.raises(RuntimeError, match="ValueError: a broken batch"):
             await send_jobs(model.call, [job("fail")], 60, "a")
         [result] = await model.call([job("after")], timeout_s=60, client="a")
         assert result.caption == expected(job("after"), "a")
-        await model.close()
 
     run(test)
 
@@ -225,8 +217,7 @@ def test_a_channel_that_closes_loses_its_calls_and_the_next_call_opens_a_new_one
 
 
 def test_an_api_worker_that_closes_its_channel_takes_its_calls_out_of_the_model():
-    async def test(batcher, socket):
-        model = ModelChannel(f"file://{socket}")
+    async def test(batcher, model):
         held = asyncio.create_task(model.call([job("hold")], timeout_s=60, client="a"))
         await asyncio.sleep(0.2)
         await model.close()
