@@ -82,7 +82,7 @@ class ModelChannel:
     async def cancel(self, websocket: aiohttp.ClientWebSocketResponse, call_id: int) -> None:
         try:
             async with self.sending:
-                await websocket.send_str(json.dumps({"cancel": call_id}))
+                await websocket.send_str(channel.cancel_message(call_id))
         except (ConnectionError, aiohttp.ClientError):
             pass  # closed: the model service cancels every call of a closed channel
 

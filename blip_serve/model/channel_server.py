@@ -28,10 +28,10 @@ async def serve_channel(websocket: WebSocket, batcher: Batcher) -> None:
             )
             message = channel.answer_message(call_id, results)
         except (QueueFull, CallDropped) as exc:
-            message = json.dumps({"call": call_id, "unavailable": str(exc)})
+            message = channel.refusal_message(call_id, "unavailable", str(exc))
         except Exception as exc:  # a server fault: the API worker answers 500, as for any other fault
             log.exception("call %s failed", call_id)
-            message = json.dumps({"call": call_id, "fault": f"{type(exc).__name__}: {exc}"})
+            message = channel.refusal_message(call_id, "fault", f"{type(exc).__name__}: {exc}")
         finally:
             calls.pop(call_id, None)
         try:

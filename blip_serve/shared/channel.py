@@ -58,12 +58,12 @@ def read_jobs(header: dict, data: bytes) -> list[CaptionJob]:
         size = math.prod(job["shape"])
         pixels = np.frombuffer(data, np.uint8, size, offset).reshape(job["shape"])
         offset += size
-        jpeg = data[offset : offset + job["jpeg"]]
+        jpeg = bytes(memoryview(data)[offset : offset + job["jpeg"]])  # one copy
         offset += job["jpeg"]
         jobs.append(
             CaptionJob.model_construct(
                 pixels=pixels,
-                jpeg=bytes(jpeg),
+                jpeg=jpeg,
                 prompt=job["prompt"],
                 max_new_tokens=job["max_new_tokens"],
                 num_beams=job["num_beams"],
@@ -74,6 +74,15 @@ def read_jobs(header: dict, data: bytes) -> list[CaptionJob]:
 
 def answer_message(call_id: int, results: list[CaptionResult]) -> str:
     return json.dumps({"call": call_id, "results": [result.model_dump() for result in results]})
+
+
+def refusal_message(call_id: int, kind: str, why: str) -> str:
+    """`kind`: "unavailable" (a 503 to the client) or "fault" (a 500)."""
+    return json.dumps({"call": call_id, kind: why})
+
+
+def cancel_message(call_id: int) -> str:
+    return json.dumps({"cancel": call_id})
 
 
 def read_results(answer: dict) -> list[CaptionResult]:
