@@ -181,14 +181,15 @@ class BlipCaptioner:
             )
         compile_model = pick_compile(settings.compile, self.device, self.precision)
         self.engine = None
+        ahead_of_time = compile_model and self.device == "cpu"  # AOTInductor packages (compiled.py)
         if not unsupported:  # a vision tower compiled as a whole (on a CPU) runs whole
-            piecewise = not (compile_model and self.device == "cpu")
-            self.engine = SeatEngine(self.model, settings.max_batch_size, compile_model, piecewise)
+            gpu_compile = compile_model and not ahead_of_time
+            self.engine = SeatEngine(self.model, settings.max_batch_size, gpu_compile, piecewise=not ahead_of_time)
         self.compiled_parts = []
         if compile_model:
             if settings.compile_cache:  # inductor reads it when it first caches: before any compile
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache
-            self.thread.submit(self.compile_model).result()
+            self.thread.submit(self.compile_model, model_dir, settings).result()
         self.attention = settings.attention
         self.random_weights = (Path(model_dir) / RANDOM_WEIGHTS).exists()
         logger.info(
@@ -219,38 +220,53 @@ class BlipCaptioner:
             "random_weights": self.random_weights,
         }
 
-    def compile_model(self) -> None:
-        """BLIP_COMPILE, before /readyz turns 200: on a CPU the vision tower (inductor with freezing:
-        weights folded in and pre-packed for the CPU's matrix kernels), and the engine's decoder step.
-        Each is compiled once for one image and once for any number (the batch dimension is
-        symbolic), so nothing compiles again while serving. Inductor's cache (BLIP_COMPILE_CACHE)
-        keeps the generated kernels: a restart reuses them."""
-        from torch._dynamo.utils import counters
-
+    def compile_model(self, model_dir: str, settings: Settings) -> None:
+        """BLIP_COMPILE, before /readyz turns 200. Every size is symbolic: nothing compiles while serving."""
         started = time.monotonic()
         if self.device == "cpu":
-            self.model.vision_model.compile(dynamic=True, options={"freezing": True})
-            self.compiled_parts.append("vision")
+            how = self.compile_ahead_of_time(model_dir, settings)
+        else:
+            how = self.compile_at_first_calls()
+        logger.info("BLIP_COMPILE: ready in %.0f s (%s)", time.monotonic() - started, how)
+
+    def compile_ahead_of_time(self, model_dir: str, settings: Settings) -> str:
+        """On a CPU: the vision tower and the engine's decoder step as AOTInductor packages
+        (compiled.py), loaded from BLIP_COMPILE_CACHE where a start before made them. A package's
+        first call costs what any call does (measured): nothing to warm up."""
+        from blip_serve.model import compiled
+
+        folder = settings.compile_cache or compiled.default_folder()
+        weights = compiled.weights_id(model_dir)
+        largest = max(settings.max_batch_size, 2)
+        loaded = compiled.compile_vision(
+            self.model.vision_model, self.pixel_shape, self.input_dtype, largest, folder, weights
+        )
+        self.compiled_parts.append("vision")
+        sources = [f"vision {'loaded' if loaded else 'compiled'}"]
         if self.engine is not None:
+            loaded = compiled.compile_step(self.engine, folder, weights)
             self.compiled_parts.append("decoder")
+            sources.append(f"decoder {'loaded' if loaded else 'compiled'}")
+        return f"{', '.join(sources)}; packages in {folder}"
+
+    def compile_at_first_calls(self) -> str:
+        """On a GPU: torch.compile of the engine's step (SeatEngine), which compiles at its first
+        calls: a caption of one image and one of two run here. Inductor's cache keeps the kernels."""
+        from torch._dynamo.utils import counters
+
+        if self.engine is None:
+            return "nothing to compile: captions run as whole batches"
+        self.compiled_parts.append("decoder")
         blank = np.zeros(self.pixel_shape, dtype=np.uint8)
         for images in (1, 2):
             jobs = [CaptionJob(pixels=blank, max_new_tokens=3)] * images
-            if self.engine is None:
-                with torch.inference_mode():
-                    self.model.vision_model(pixel_values=self.pixel_values(jobs).to(self.input_dtype))
-                continue
             self.join_here([object() for _ in jobs], jobs)
             while self.engine.busy_seats():
                 self.step_here()
         cache = counters["inductor"]
-        logger.info(
-            "BLIP_COMPILE: compiled in %.0f s (%d of %d graphs from the cache in %s)",
-            time.monotonic() - started,
-            cache["fxgraph_cache_hit"],
-            cache["fxgraph_cache_hit"] + cache["fxgraph_cache_miss"],
-            os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder"),
-        )
+        hits, graphs = cache["fxgraph_cache_hit"], cache["fxgraph_cache_hit"] + cache["fxgraph_cache_miss"]
+        folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder")
+        return f"{hits} of {graphs} graphs from the cache in {folder}"
 
     def caption_jobs(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """One result per job, in order. Jobs that share prompt and options share one generate."""

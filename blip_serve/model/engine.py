@@ -117,6 +117,8 @@ class SeatEngine:
         self.cross_keys: list[torch.Tensor] = []  # per layer: (seats, heads, image tokens, head_dim)
         self.cross_values: list[torch.Tensor] = []
         self.vision = model.vision_model
+        vision = model.config.vision_config
+        self.image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # the patches and [CLS]
         self.text_dtype = next(self.decoder.parameters()).dtype
         # The vision tower runs layer by layer, so that its work can be spread between steps; off
         # where it is compiled as a whole (BLIP_COMPILE on a CPU).
@@ -125,9 +127,9 @@ class SeatEngine:
         self.layer_s = 0.0  # one image through one vision layer, measured: how many fit a budget
         self.last_step_s = 0.0
         self.last_step_rows = 0  # captions the last step advanced
-        self.step_rows = self.decode_step
+        self.step_rows = self.decode_step  # compiled.compile_step swaps in the AOTInductor package
         if compile_step:
-            # The rows and the cache length are symbolic: one graph for every step.
+            # torch.compile (a GPU): the rows and the cache length are symbolic, one graph for every step.
             options = {"pattern_matcher": False}
             self.step_rows = torch.compile(self.decode_step, dynamic=True, fullgraph=True, options=options)
 
@@ -309,10 +311,11 @@ class SeatEngine:
         logits = self.step_rows(
             tokens.to(device),
             positions.to(device),
-            [keys[:rows, :, :length] for keys in self.self_keys],
-            [values[:rows, :, :length] for values in self.self_values],
-            [keys[:rows] for keys in self.cross_keys],
-            [values[:rows] for values in self.cross_values],
+            torch.empty(length, device=device),
+            self.self_keys,
+            self.self_values,
+            self.cross_keys,
+            self.cross_values,
         )
         self.pick([seat for _, seat in seated], logits[[index for index, _ in seated]])
         self.last_step_s = time.perf_counter() - started  # pick's tolist() waited for the device
@@ -339,17 +342,26 @@ class SeatEngine:
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
+        span: torch.Tensor,
         self_keys: list[torch.Tensor],
         self_values: list[torch.Tensor],
         cross_keys: list[torch.Tensor],
         cross_values: list[torch.Tensor],
     ) -> torch.Tensor:
         """Logits for the token after each row's `tokens` (rows, 1) at its own position (rows,);
-        writes each row's new key and value into the self-attention buffers at that position."""
+        writes each row's new key and value into the self-attention buffers at that position. The
+        buffers come whole (seats, heads, capacity, head_dim): the first `rows` seats and the first
+        len(span) positions take part (an exported step reads the sizes from its inputs' shapes)."""
+        rows, length = tokens.shape[0], span.shape[0]
+        torch._check(rows <= self_keys[0].shape[0])
+        torch._check(length <= self_keys[0].shape[2])
+        self_keys = [keys[:rows, :, :length] for keys in self_keys]
+        self_values = [values[:rows, :, :length] for values in self_values]
+        cross_keys = [keys[:rows] for keys in cross_keys]
+        cross_values = [values[:rows] for values in cross_values]
         embeddings = self.decoder.bert.embeddings
         hidden = embeddings.word_embeddings(tokens) + embeddings.position_embeddings(positions[:, None])
         hidden = embeddings.LayerNorm(hidden)
-        rows, length = tokens.shape[0], self_keys[0].shape[2]
         visible = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
         mask = torch.where(visible, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype).view(rows, 1, 1, length)
         row_index = torch.arange(rows, device=tokens.device)

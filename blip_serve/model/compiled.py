@@ -1,0 +1,183 @@
+"""BLIP_COMPILE on a CPU: the vision tower and the engine's decoder step compiled ahead of time.
+
+torch.compile traces the Python again at every start and re-folds the frozen weights: a restart
+with every kernel in inductor's cache still took 121 s for the full-size model on 2 cores. Here each
+part is exported once (torch.export, the batch, rows and cache length symbolic) and compiled by
+AOTInductor (with freezing: the weights folded in and pre-packed for the CPU's matrix kernels) into
+a package in BLIP_COMPILE_CACHE. A start that finds the package for the same weights, precision,
+software and CPU loads it, a shared library and its constants, in one to three seconds.
+
+A package holds the model's weights, so its name is a digest of everything its code depends on:
+the weights' files, the precision, torch and transformers, this project's model code, and the
+CPU's instruction sets (a kernel built for AMX does not run on a CPU without it). A package that
+fails to load is compiled again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from blip_serve import __version__
+from blip_serve.model.devices import cpu_flags
+
+logger = logging.getLogger("bentoml.blip_serve")
+INDUCTOR_OPTIONS = {"freezing": True}
+LONGEST_CACHE = 8192  # positions a seat's self-attention buffers may hold (the step's symbolic bound)
+
+
+def default_folder() -> str:
+    """torch's own cache folder (/tmp/torchinductor_$USER), where BLIP_COMPILE_CACHE is empty."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def weights_id(model_dir: str) -> str:
+    """The model's config and weight files as found on disk (each one's real path, size and time
+    of change): what a package's constants came from. Hashing the contents instead took 0.8 s of a
+    warm start for the full-size model on 2 cores; a hub snapshot's files are links to blobs named
+    by their contents' hash anyway."""
+    folder = Path(model_dir)
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
+    facts = []
+    for path in files:
+        if path.is_file():
+            real = path.resolve()
+            stat = real.stat()
+            facts.append(f"{path.name} {real} {stat.st_size} {stat.st_mtime_ns}")
+    return "\n".join(facts)
+
+
+def package_name(part: str, weights: str, **shape) -> str:
+    """`part`-<digest>.pt2: the digest of everything the compiled code depends on."""
+    digest = hashlib.sha256()
+    for source in ("captioner.py", "engine.py", "compiled.py"):  # the model code a package was traced from
+        digest.update((Path(__file__).parent / source).read_bytes())
+    facts = [
+        part,
+        weights,
+        __version__,
+        torch.__version__,
+        transformers.__version__,
+        platform.machine(),
+        " ".join(sorted(cpu_flags())),
+        repr(sorted(shape.items())),
+        repr(sorted(INDUCTOR_OPTIONS.items())),
+    ]
+    digest.update("\n".join(facts).encode())
+    return f"{part}-{digest.hexdigest()[:24]}.pt2"
+
+
+def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
+    """The AOTInductor runner in folder/name, compiled from `export()` (an ExportedProgram) first
+    where there is none or it does not load. Returns (runner, whether it came from the folder)."""
+    path = Path(folder) / name
+    if path.is_file():
+        try:
+            return torch._inductor.aoti_load_package(str(path)), True
+        except Exception as exc:  # a package cut short, or from other software: compile it again
+            logger.warning("BLIP_COMPILE: %s does not load (%s); compiling it again", path, exc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = export()
+    # Written beside its final name, then renamed: a second model worker, or a start cut short,
+    # never leaves half a package under the name.
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".pt2")
+    os.close(handle)
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=partial, inductor_configs=dict(INDUCTOR_OPTIONS)
+        )  # it adds its own keys
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return torch._inductor.aoti_load_package(str(path)), False
+
+
+class VisionTower(torch.nn.Module):
+    """BlipVisionModel's outputs as a tuple, for export."""
+
+    def __init__(self, vision: torch.nn.Module):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.vision(pixel_values=pixel_values)
+        return output.last_hidden_state, output.pooler_output
+
+
+class DecoderStep(torch.nn.Module):
+    """The engine's decode_step, for export: the decoder's weights are this module's."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.decoder = engine.decoder
+        self.step = engine.decode_step
+
+    def forward(self, tokens, positions, span, self_keys, self_values, cross_keys, cross_values):
+        return self.step(tokens, positions, span, self_keys, self_values, cross_keys, cross_values)
+
+
+def compile_vision(vision: torch.nn.Module, pixel_shape, dtype, largest: int, folder: str, weights: str) -> bool:
+    """Swap the vision tower's forward for its compiled package, for batches of 1 to `largest` (at
+    least 2) images (larger ones, and calls with other options, keep the eager forward). Returns whether
+    the package came from the folder."""
+    name = package_name("vision", weights, pixel_shape=tuple(pixel_shape), dtype=str(dtype), largest=largest)
+
+    def export():
+        example = torch.zeros((2, *pixel_shape), dtype=dtype)
+        batch = {0: torch.export.Dim("images", min=1, max=largest)}
+        return torch.export.export(VisionTower(vision), (example,), dynamic_shapes=(batch,))
+
+    runner, loaded = load_or_compile(folder, name, export)
+    eager = vision.forward
+
+    def forward(pixel_values=None, interpolate_pos_encoding=False, **kwargs):
+        if interpolate_pos_encoding or any(kwargs.values()) or not 1 <= len(pixel_values) <= largest:
+            return eager(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        last_hidden_state, pooler_output = runner(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooler_output)
+
+    vision.forward = forward
+    return loaded
+
+
+def compile_step(engine, folder: str, weights: str) -> bool:
+    """Swap the engine's decoder step for its compiled package (rows and cache length symbolic:
+    one graph for every step). Returns whether the package came from the folder."""
+    seats, dtype = len(engine.seats), engine.text_dtype
+    image_tokens = engine.image_tokens
+    name = package_name("decoder", weights, seats=seats, dtype=str(dtype), image_tokens=image_tokens)
+
+    def export():
+        rows, length, capacity = min(2, seats), 32, 64
+        own = [torch.zeros(seats, engine.heads, capacity, engine.head_dim, dtype=dtype) for _ in engine.layers]
+        cross = [torch.zeros(seats, engine.heads, image_tokens, engine.head_dim, dtype=dtype) for _ in engine.layers]
+        example = (
+            torch.zeros((rows, 1), dtype=torch.long),
+            torch.zeros(rows, dtype=torch.long),
+            torch.zeros(length),
+            own,
+            [buffer.clone() for buffer in own],
+            cross,
+            [buffer.clone() for buffer in cross],
+        )
+        row = {0: torch.export.Dim("rows", min=1, max=seats)} if seats > 1 else None
+        span = {0: torch.export.Dim("length", min=2, max=LONGEST_CACHE)}
+        buffers = [{2: torch.export.Dim("capacity", min=2, max=LONGEST_CACHE)}] * len(engine.layers)
+        fixed = [None] * len(engine.layers)
+        shapes = (row, row, span, buffers, buffers, fixed, fixed)
+        return torch.export.export(DecoderStep(engine), example, dynamic_shapes=shapes, strict=False)
+
+    runner, loaded = load_or_compile(folder, name, export)
+    engine.step_rows = runner
+    return loaded

@@ -1,0 +1,63 @@
+"""BLIP_COMPILE's packages on a CPU (blip_serve/model/compiled.py): a package is named by what it
+was compiled from, so other weights or settings never load a stale one, and a package that does not
+load (cut short on a volume, say) is compiled again. The server's compiled captions and a restart
+that loads the packages: tests/integration/test_compile.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from blip_serve.model import compiled
+
+
+def test_the_weights_id_follows_the_files(tiny_model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    before = compiled.weights_id(str(copy))
+    assert before == compiled.weights_id(str(copy))
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # saved again
+    assert compiled.weights_id(str(copy)) != before
+
+
+def test_a_package_name_changes_with_anything_it_was_compiled_from():
+    name = compiled.package_name("vision", "weights A", dtype="torch.float32", largest=16)
+    assert name.startswith("vision-") and name.endswith(".pt2")
+    assert name == compiled.package_name("vision", "weights A", dtype="torch.float32", largest=16)
+    others = [
+        compiled.package_name("decoder", "weights A", dtype="torch.float32", largest=16),
+        compiled.package_name("vision", "weights B", dtype="torch.float32", largest=16),
+        compiled.package_name("vision", "weights A", dtype="torch.bfloat16", largest=16),
+        compiled.package_name("vision", "weights A", dtype="torch.float32", largest=32),
+    ]
+    assert name not in others and len(set(others)) == len(others)
+
+
+@pytest.mark.slow  # two AOTInductor compiles of a small layer (about 20 s each on 2 cores)
+def test_a_package_that_does_not_load_is_compiled_again(tmp_path, caplog):
+    layer = torch.nn.Linear(8, 4).eval()
+    example = torch.randn(3, 8)
+
+    def export():
+        rows = {0: torch.export.Dim("rows", min=1, max=16)}
+        return torch.export.export(layer, (example,), dynamic_shapes=(rows,))
+
+    runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
+    assert not loaded
+    assert torch.allclose(runner(example), layer(example), atol=1e-6)
+    assert [path.name for path in tmp_path.iterdir()] == ["layer.pt2"]  # no partial package left
+
+    runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
+    assert loaded  # the next start reads it
+
+    package = tmp_path / "layer.pt2"
+    package.write_bytes(package.read_bytes()[:1000])  # cut short
+    runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
+    assert not loaded and "does not load" in caplog.text
+    with torch.inference_mode():
+        assert torch.allclose(runner(example[:1]), layer(example[:1]), atol=1e-6)
