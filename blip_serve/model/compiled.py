@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -86,7 +87,12 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
             return torch._inductor.aoti_load_package(str(path)), True
         except Exception as exc:  # a package cut short, or from other software: compile it again
             logger.warning("BLIP_COMPILE: %s does not load (%s); compiling it again", path, exc)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path.parent).close()
+    except OSError as exc:  # the server still starts; the next start compiles again
+        logger.warning("BLIP_COMPILE_CACHE: cannot write to %s (%s); the compiled model is not kept", path.parent, exc)
+        path = Path(tempfile.mkdtemp(prefix="blip-compiled-")) / name  # removed once loaded
     with torch.no_grad():
         program = export()
     # Written beside its final name, then renamed: a second model worker, or a start cut short,
@@ -100,7 +106,10 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
         os.replace(partial, path)
     finally:
         Path(partial).unlink(missing_ok=True)
-    return torch._inductor.aoti_load_package(str(path)), False
+    runner = torch._inductor.aoti_load_package(str(path))
+    if path.parent.name.startswith("blip-compiled-"):
+        shutil.rmtree(path.parent)  # a loaded package has what it needs: it unpacks itself on loading
+    return runner, False
 
 
 class VisionTower(torch.nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -38,8 +39,7 @@ def test_a_package_name_changes_with_anything_it_was_compiled_from():
     assert name not in others and len(set(others)) == len(others)
 
 
-@pytest.mark.slow  # two AOTInductor compiles of a small layer (about 20 s each on 2 cores)
-def test_a_package_that_does_not_load_is_compiled_again(tmp_path, caplog):
+def small_layer():
     layer = torch.nn.Linear(8, 4).eval()
     example = torch.randn(3, 8)
 
@@ -47,6 +47,12 @@ def test_a_package_that_does_not_load_is_compiled_again(tmp_path, caplog):
         rows = {0: torch.export.Dim("rows", min=1, max=16)}
         return torch.export.export(layer, (example,), dynamic_shapes=(rows,))
 
+    return layer, example, export
+
+
+@pytest.mark.slow  # two AOTInductor compiles of a small layer (about 12 s each on 2 cores)
+def test_a_package_that_does_not_load_is_compiled_again(tmp_path, caplog):
+    layer, example, export = small_layer()
     runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
     assert not loaded
     assert torch.allclose(runner(example), layer(example), atol=1e-6)
@@ -61,3 +67,17 @@ def test_a_package_that_does_not_load_is_compiled_again(tmp_path, caplog):
     assert not loaded and "does not load" in caplog.text
     with torch.inference_mode():
         assert torch.allclose(runner(example[:1]), layer(example[:1]), atol=1e-6)
+
+
+@pytest.mark.slow  # an AOTInductor compile of a small layer
+def test_a_folder_it_cannot_write_still_serves_compiled(tmp_path, caplog, monkeypatch):
+    layer, example, export = small_layer()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    (tmp_path / "a-file").write_text("")
+    folder = tmp_path / "a-file" / "cache"  # BLIP_COMPILE_CACHE under a file: no folder can be made
+    runner, loaded = compiled.load_or_compile(str(folder), "layer.pt2", export)
+    assert not loaded and f"cannot write to {folder}" in caplog.text
+    with torch.inference_mode():
+        assert torch.allclose(runner(example), layer(example), atol=1e-6)
+    assert list((tmp_path / "temp").iterdir()) == []  # the package it compiled to load is gone
