@@ -100,9 +100,8 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".pt2")
     os.close(handle)
     try:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=partial, inductor_configs=dict(INDUCTOR_OPTIONS)
-        )  # it adds its own keys
+        options = dict(INDUCTOR_OPTIONS)  # a copy: it adds its own keys to the dict it is given
+        torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=options)
         os.replace(partial, path)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -138,8 +137,8 @@ class DecoderStep(torch.nn.Module):
 
 def compile_vision(vision: torch.nn.Module, pixel_shape, dtype, largest: int, folder: str, weights: str) -> bool:
     """Swap the vision tower's forward for its compiled package, for batches of 1 to `largest` (at
-    least 2) images (larger ones, and calls with other options, keep the eager forward). Returns whether
-    the package came from the folder."""
+    least 2) images (larger ones, and calls with other options, keep the eager forward). Returns
+    whether the package came from the folder."""
     name = package_name("vision", weights, pixel_shape=tuple(pixel_shape), dtype=str(dtype), largest=largest)
 
     def export():
