@@ -375,7 +375,10 @@ class Batcher(Generic[J, R]):
         images, however many, do not stall the other's captions, and the other's images encode at once."""
         started = self.clock()
         held = Counter(p.flow.client for p in self.seated)
-        fewest = min((held[client] for client in {*held, *self.recent_clients()}), default=0)
+        # Active clients as take_seats counts them: seated, answered just now, or queued (a client
+        # whose first image waits for a seat would otherwise wait for another's encodes, whole).
+        waiting = {p.flow.client for p in self.queue.queued}
+        fewest = min((held[client] for client in {*held, *self.recent_clients(), *waiting}), default=0)
         spread = {p for p in self.seated if held[p.flow.client] > fewest}
         try:
             self.answer(await self.seats.step(spread))

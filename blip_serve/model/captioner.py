@@ -37,6 +37,10 @@ logger = logging.getLogger("bentoml.blip_serve")
 # (p95; each of its steps took twice as long); half: 2.5x; a quarter: 2.6x, the other starved more
 # (docs/performance.md, "The step-level decoder").
 SPREAD_SHARE = 0.5
+# The most vision work one call between two steps runs, for any client: a newcomer's image waits
+# behind at most this much of others' encoding. Unbounded, images left waiting ran whole in one call
+# once spreading stopped: 15.8 s of 12 images, which a new client's first request waited for.
+ENCODE_TURN_S = 1.0
 
 
 class JobRejected(ValueError):
@@ -382,9 +386,11 @@ class BlipCaptioner:
         spends ~25 steps' time on one image's vision tower): the batcher's choice, so that one
         client's images do not stall other clients' captions."""
         answered, encoding = [], [image.ticket for image in self.engine.encoding]
-        budget_s = SPREAD_SHARE * self.engine.last_step_s if spread and self.engine.decoding() else None
+        # With no caption seated the spread images still go a piece at a time (another client's
+        # next image is on its way: the batcher spreads only while another client is active).
+        budget_s = SPREAD_SHARE * self.engine.last_step_s if spread else None
         try:
-            finished = self.engine.encode(budget_s, spread)
+            finished = self.engine.encode(budget_s, spread, turn_s=ENCODE_TURN_S)
         except Exception as exc:  # every image being encoded gets the error; seated captions go on
             seated = {seat.ticket for seat in self.engine.seats if seat is not None}
             failed = [ticket for ticket in encoding if ticket not in seated]

@@ -125,6 +125,7 @@ class SeatEngine:
         self.piecewise = piecewise
         self.encoding: list[Encoding] = []
         self.layer_s = 0.0  # one image through one vision layer, measured: how many fit a budget
+        self.spread_owed = 0.0  # spread encoding that ran past its budgets, paid back by later calls
         self.last_step_s = 0.0
         self.last_step_rows = 0  # captions the last step advanced
         self.step_rows = self.decode_step  # compiled.compile_step swaps in the AOTInductor package
@@ -175,28 +176,45 @@ class SeatEngine:
         return self.encode() if encode_now else []
 
     @torch.inference_mode()
-    def encode(self, budget_s: float | None = None, spread: set | frozenset = frozenset()) -> list[Finished]:
+    def encode(
+        self, budget_s: float | None = None, spread: set | frozenset = frozenset(), turn_s: float | None = None
+    ) -> list[Finished]:
         """Run the waiting images through the vision tower's layers, in priority order (smallest
         first), the images of tickets in `spread` last: all of them, or, with `budget_s`, the
-        images in `spread` only for about that long (at least one image through one layer). Images
-        at the same layer run as one batch. Seats the images that came through; returns the
-        captions that ended at their first token."""
+        images in `spread` only for that long on average; and with `turn_s`, any images only for
+        about that long, so that no call holds the model for longer (waiting images would
+        otherwise run whole in one call of seconds). A call runs at least one image through one
+        layer (and, after the last layer, its prefill), which can take longer than a budget:
+        while captions are being written, the time beyond it is owed, and later calls pay it back
+        before they run any spread work. Images at the same layer run as one batch. Seats the
+        images that came through; returns the captions that ended at their first token."""
         layers = self.vision.encoder.layers
-        started, finished = time.perf_counter(), []
+        waiting = any(image.ticket in spread for image in self.encoding)
+        owing = budget_s is not None and waiting and self.decoding() > 0
+        if not owing:  # no budget, nothing spread waiting, or no caption to keep moving: nothing owed
+            self.spread_owed = 0.0
+        allowance = None if budget_s is None else budget_s - self.spread_owed
+        started, spent, finished, ran = time.perf_counter(), 0.0, [], False
         while self.encoding:
+            elapsed = time.perf_counter() - started
+            if turn_s is not None and ran and elapsed >= turn_s:
+                break
             self.encoding.sort(key=lambda image: (image.ticket in spread, image.priority))
             first = self.encoding[0]
             spread_first = first.ticket in spread
-            limited = budget_s is not None and spread_first
+            limited = allowance is not None and spread_first
+            if limited and (allowance < 0 or (spent and spent >= allowance)):
+                break  # the spread images wait for the next calls
             group = [im for im in self.encoding if im.layer == first.layer and (im.ticket in spread) == spread_first]
-            if limited and self.layer_s:
-                left = budget_s - (time.perf_counter() - started)
-                group = group[: max(1, int(left / self.layer_s))]
+            room = [allowance - spent] if limited else []
+            room += [turn_s - elapsed] if turn_s is not None else []
+            if room and self.layer_s:
+                group = group[: max(1, int(min(room) / self.layer_s))]
             before = time.perf_counter()
             hidden = layers[first.layer](torch.cat([image.hidden for image in group]))
             for row, image in enumerate(group):
                 image.hidden, image.layer = hidden[row : row + 1], image.layer + 1
-            self.layer_s = (time.perf_counter() - before) / len(group)
+            self.layer_s, ran = (time.perf_counter() - before) / len(group), True
             through = [image for image in self.encoding if image.layer == len(layers)]
             if through:
                 self.encoding = [image for image in self.encoding if image.layer < len(layers)]
@@ -208,8 +226,10 @@ class SeatEngine:
                     [image.prompt for image in through],
                     [image.limits for image in through],
                 )
-            if limited and time.perf_counter() - started >= budget_s:
-                break
+            if limited:
+                spent += time.perf_counter() - before  # the layer, and the prefill of the images it finished
+        if owing:
+            self.spread_owed = max(0.0, spent - allowance) if allowance >= 0 else -allowance
         return finished
 
     def seat(

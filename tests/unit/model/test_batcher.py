@@ -473,15 +473,42 @@ def test_the_images_of_a_client_holding_more_seats_are_encoded_in_pieces():
             for i in range(3)
         ]
         await asyncio.sleep(0.05)
+        steps_before_one = len(seats.steps)
         await b.submit([Job("one", max_new_tokens=5)], timeout_s=30, client="one")
         await asyncio.gather(*crowd)
+        return steps_before_one
 
-    virtual_time.run(scenario())
-    first_one = next(i for i, step in enumerate(seats.steps) if "one" in step)
-    alone = seats.spread[:first_one]
+    steps_before_one = virtual_time.run(scenario())
+    alone = seats.spread[:steps_before_one]
     beside = [spread for spread, step in zip(seats.spread, seats.steps) if "one" in step]
-    assert len(alone) >= 2 and not any(alone)
+    assert alone and not any(alone)
     assert len(beside) == 4 and all(spread and spread <= {"crowd0", "crowd1", "crowd2"} for spread in beside)
+
+
+def test_a_client_waiting_for_a_seat_has_the_seated_images_spread():
+    """Client "crowd" came first and holds every seat; client "one" comes while no seat is free:
+    from then on the crowd's images are encoded in pieces, so a seat frees for "one" after the
+    crowd's captions, not after whole encodes of the crowd's images."""
+    seats = Seats(seats=4)
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        crowd = [
+            asyncio.create_task(b.submit([Job(f"crowd{i}", max_new_tokens=40)], timeout_s=30, client="crowd"))
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.2)  # the crowd's images have joined, one a step
+        assert seats.free_seats() == 0
+        steps_before_one = len(seats.steps)
+        await b.submit([Job("one", max_new_tokens=5)], timeout_s=30, client="one")
+        await asyncio.gather(*crowd)
+        return steps_before_one
+
+    steps_before_one = virtual_time.run(scenario())
+    first_one = next(i for i, step in enumerate(seats.steps) if "one" in step)
+    assert not any(seats.spread[:steps_before_one])  # alone, nobody's images are spread
+    waiting = seats.spread[steps_before_one + 1 : first_one]  # "one" queued, every seat the crowd's
+    assert len(waiting) >= 10 and all(spread == {f"crowd{i}" for i in range(4)} for spread in waiting)
 
 
 def test_a_client_between_two_requests_still_counts_as_active():

@@ -179,12 +179,51 @@ def test_the_vision_tower_in_pieces_between_steps_gives_generates_captions(capti
     assert seats.encode(budget_s=0.0, spread=spread) == []  # the smallest budget: one image, one layer
     assert {image.ticket: image.layer for image in seats.encoding} == {"sooner": 1, "later": 0}
     finished = {}
-    while seats.busy_seats():
-        steps = seats.encode(budget_s=0.0, spread=spread) + seats.step()
+    while seats.busy_seats():  # about one image through one layer a step
+        steps = seats.encode(budget_s=seats.layer_s, spread=spread) + seats.step()
         finished.update({done.ticket: done.tokens for done in steps})
     assert finished["sooner"] == generate_alone(captioner, pixels[2], None, 5, 5)
     assert finished["later"] == generate_alone(captioner, pixels[1], "a picture of", 6, 6)
     assert finished["seated"] == generate_alone(captioner, pixels[0], None, 12, 12)
+
+
+def test_spread_work_past_its_budget_is_paid_back_by_the_next_steps(captioner, pixels):
+    """The least a call encodes (one image through one layer) can take longer than its budget: the
+    calls after it encode nothing spread until their budgets have covered it, so that on average
+    spread images take their budget's share of the time and no more."""
+    seats = engine(captioner, 2)
+    join(captioner, seats, [("seated", pixels[0], None, 30, 30)])
+    values = captioner.normalize(pixels[1][None])
+    seats.join(["crowd"], values, [captioner.start_tokens("")], [(5, 5)], encode_now=False)
+    seats.encode(budget_s=0.0, spread={"crowd"})
+    assert seats.encoding[0].layer == 1  # at least one layer, whatever the budget
+    owed, budget = seats.spread_owed, seats.layer_s / 100
+    assert owed > 2 * budget
+    seats.step()
+    seats.encode(budget_s=budget, spread={"crowd"})
+    assert seats.encoding[0].layer == 1  # nothing more until the budgets cover what was owed
+    assert seats.spread_owed == pytest.approx(owed - budget)
+    seats.spread_owed = budget / 2  # paid back but half a budget
+    seats.encode(budget_s=budget, spread={"crowd"})
+    layers = len(seats.vision.encoder.layers)
+    assert (seats.encoding[0].layer if seats.encoding else layers) == 2  # one more layer (of the tiny model's 2)
+    seats.spread_owed = 1.0
+    seats.encode(budget_s=None, spread={"crowd"})  # no budget: encoded whole, nothing owed
+    assert seats.encoding == [] and seats.spread_owed == 0.0 and seats.decoding() == 2
+
+
+def test_no_encode_call_runs_past_its_turn(captioner, pixels):
+    """With `turn_s`, a call stops once its time is up, whoever's images wait: at the least, one
+    group through one layer (images left waiting never run whole in one long call)."""
+    seats = engine(captioner, 3)
+    values = captioner.normalize(np.stack(pixels[:3]))
+    seats.join(["a", "b", "c"], values, [captioner.start_tokens("")] * 3, [(5, 5)] * 3, encode_now=False)
+    seats.encode(turn_s=0.0)
+    assert sorted(image.layer for image in seats.encoding) == [1, 1, 1]  # one layer, the three together
+    seats.encode(turn_s=0.0)  # the layer's time now known: one image, one layer
+    assert sorted(image.layer for image in seats.encoding) == [1, 1] and seats.decoding() == 1
+    seats.encode()
+    assert seats.encoding == [] and seats.decoding() == 3
 
 
 def test_images_not_spread_are_encoded_whole_before_the_spread_ones(captioner, pixels):
