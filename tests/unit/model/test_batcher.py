@@ -461,24 +461,30 @@ def test_while_others_wait_no_client_holds_more_than_half_the_seats():
     assert len(seats.steps) < 100  # the short captions never waited for a 1,000-token one
 
 
+def crowd_then_one(seats: Seats, crowd: int, tokens: int, head_start_s: float) -> int:
+    """Client "crowd" sends `crowd` single images of `tokens` tokens at once; `head_start_s` later,
+    client "one" sends one. Returns how many steps ran before "one" sent."""
+
+    async def scenario():
+        b = seat_batcher(Model(), seats)
+        calls = [
+            asyncio.create_task(b.submit([Job(f"crowd{i}", max_new_tokens=tokens)], timeout_s=30, client="crowd"))
+            for i in range(crowd)
+        ]
+        await asyncio.sleep(head_start_s)
+        steps_before_one = len(seats.steps)
+        await b.submit([Job("one", max_new_tokens=5)], timeout_s=30, client="one")
+        await asyncio.gather(*calls)
+        return steps_before_one
+
+    return virtual_time.run(scenario())
+
+
 def test_the_images_of_a_client_holding_more_seats_are_encoded_in_pieces():
     """Client "crowd" holds more seats than "one": the crowd's images are spread between steps,
     the other client's never; alone, nobody's are."""
     seats = Seats(seats=4)
-
-    async def scenario():
-        b = seat_batcher(Model(), seats)
-        crowd = [
-            asyncio.create_task(b.submit([Job(f"crowd{i}", max_new_tokens=20)], timeout_s=30, client="crowd"))
-            for i in range(3)
-        ]
-        await asyncio.sleep(0.05)
-        steps_before_one = len(seats.steps)
-        await b.submit([Job("one", max_new_tokens=5)], timeout_s=30, client="one")
-        await asyncio.gather(*crowd)
-        return steps_before_one
-
-    steps_before_one = virtual_time.run(scenario())
+    steps_before_one = crowd_then_one(seats, crowd=3, tokens=20, head_start_s=0.05)
     alone = seats.spread[:steps_before_one]
     beside = [spread for spread, step in zip(seats.spread, seats.steps) if "one" in step]
     assert alone and not any(alone)
@@ -486,28 +492,15 @@ def test_the_images_of_a_client_holding_more_seats_are_encoded_in_pieces():
 
 
 def test_a_client_waiting_for_a_seat_has_the_seated_images_spread():
-    """Client "crowd" came first and holds every seat; client "one" comes while no seat is free:
-    from then on the crowd's images are encoded in pieces, so a seat frees for "one" after the
-    crowd's captions, not after whole encodes of the crowd's images."""
+    """Client "crowd" came first and holds every seat (its images join one a step); client "one"
+    comes while no seat is free: from then on the crowd's images are encoded in pieces, so a seat
+    frees for "one" after the crowd's captions, not after whole encodes of the crowd's images."""
     seats = Seats(seats=4)
-
-    async def scenario():
-        b = seat_batcher(Model(), seats)
-        crowd = [
-            asyncio.create_task(b.submit([Job(f"crowd{i}", max_new_tokens=40)], timeout_s=30, client="crowd"))
-            for i in range(4)
-        ]
-        await asyncio.sleep(0.2)  # the crowd's images have joined, one a step
-        assert seats.free_seats() == 0
-        steps_before_one = len(seats.steps)
-        await b.submit([Job("one", max_new_tokens=5)], timeout_s=30, client="one")
-        await asyncio.gather(*crowd)
-        return steps_before_one
-
-    steps_before_one = virtual_time.run(scenario())
+    steps_before_one = crowd_then_one(seats, crowd=4, tokens=40, head_start_s=0.2)
     first_one = next(i for i, step in enumerate(seats.steps) if "one" in step)
+    assert seats.steps[steps_before_one - 1] == {f"crowd{i}" for i in range(4)}  # every seat the crowd's
     assert not any(seats.spread[:steps_before_one])  # alone, nobody's images are spread
-    waiting = seats.spread[steps_before_one + 1 : first_one]  # "one" queued, every seat the crowd's
+    waiting = seats.spread[steps_before_one + 1 : first_one]  # "one" queued
     assert len(waiting) >= 10 and all(spread == {f"crowd{i}" for i in range(4)} for spread in waiting)
 
 
