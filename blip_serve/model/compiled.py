@@ -84,7 +84,7 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
     path = Path(folder) / name
     if path.is_file():
         try:
-            return torch._inductor.aoti_load_package(str(path)), True
+            return load_package(path), True
         except Exception as exc:  # a package cut short, or from other software: compile it again
             logger.warning("BLIP_COMPILE: %s does not load (%s); compiling it again", path, exc)
     try:
@@ -105,10 +105,28 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
         os.replace(partial, path)
     finally:
         Path(partial).unlink(missing_ok=True)
-    runner = torch._inductor.aoti_load_package(str(path))
+    runner = load_package(path)
     if path.parent.name.startswith("blip-compiled-"):
         shutil.rmtree(path.parent)  # a loaded package has what it needs: it unpacks itself on loading
     return runner, False
+
+
+def load_package(path: Path):
+    """The package's runner. Loading unpacks the package (hundreds of MB) into an aotinductor_*
+    folder under $TMPDIR that only the runner's destructor removes, and a server process ends
+    without running it: every start would leave one behind. So it unpacks into a folder of our
+    own, removed once loaded (the loaded library and weights need no file)."""
+    unpack = tempfile.mkdtemp(prefix="blip-unpack-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = unpack  # read by the loader's C++ (the model process is still starting)
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(unpack, ignore_errors=True)
 
 
 class VisionTower(torch.nn.Module):

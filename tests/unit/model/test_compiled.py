@@ -51,8 +51,14 @@ def small_layer():
 
 
 @pytest.mark.slow  # an AOTInductor compile of a small layer (about 10 s on 2 cores)
-def test_a_package_that_does_not_load_is_compiled_again_and_the_next_start_loads_it(tmp_path, caplog):
+def test_a_package_that_does_not_load_is_compiled_again_and_the_next_start_loads_it(tmp_path, caplog, monkeypatch):
     layer, example, export = small_layer()
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    (tmp_path / "cache").mkdir()
+    tmp_path = tmp_path / "cache"
     (tmp_path / "layer.pt2").write_bytes(b"PK\x03\x04" + bytes(1000))  # a package cut short
     runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
     assert not loaded and "does not load" in caplog.text
@@ -64,6 +70,10 @@ def test_a_package_that_does_not_load_is_compiled_again_and_the_next_start_loads
     assert loaded  # the next start reads it
     with torch.inference_mode():
         assert torch.allclose(runner(example[:1]), layer(example[:1]), atol=1e-6)
+    # Loading unpacks each package under $TMPDIR: nothing of it is left once loaded (a server
+    # process ends without the runner's destructor, which alone removed it).
+    assert list(temp.glob("aotinductor_*")) == list(temp.glob("blip-unpack-*")) == []
+    assert os.environ["TMPDIR"] == str(temp)
 
 
 @pytest.mark.slow  # an AOTInductor compile of a small layer
