@@ -193,7 +193,11 @@ class BlipCaptioner:
         if compile_model:
             if settings.compile_cache:  # inductor reads it when it first caches: before any compile
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache
-            self.thread.submit(self.compile_model, model_dir, settings).result()
+            from blip_serve.model.compiled import stopped_at_once
+
+            logger.info("BLIP_COMPILE: loading the compiled model, or compiling it (minutes at a first start)")
+            with stopped_at_once():  # a Ctrl-C or SIGTERM meanwhile stops the process at once
+                self.thread.submit(self.compile_model, model_dir, settings).result()
         self.attention = settings.attention
         self.random_weights = (Path(model_dir) / RANDOM_WEIGHTS).exists()
         logger.info(

@@ -15,12 +15,16 @@ fails to load is compiled again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -33,6 +37,36 @@ from blip_serve.model.devices import cpu_flags
 logger = logging.getLogger("bentoml.blip_serve")
 INDUCTOR_OPTIONS = {"freezing": True}
 LONGEST_CACHE = 8192  # positions a seat's self-attention buffers may hold (the step's symbolic bound)
+UNFINISHED: set[Path] = set()  # being written: removed if the process is stopped meanwhile
+
+
+@contextlib.contextmanager
+def stopped_at_once():
+    """Compiling takes minutes at a first start (1.5-3 for the full-size model on 2 cores) and
+    cannot be interrupted, and uvicorn's handlers only take note of a Ctrl-C or SIGTERM: the server
+    went on compiling for as long before it stopped. The process serves nothing yet, so here it
+    ends at once, and removes what it was writing (a package half written into a kept volume)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        logger.warning("BLIP_COMPILE: stopped (signal %d) while compiling; exiting now", signum)
+        for path in list(UNFINISHED):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def default_folder() -> str:
@@ -93,21 +127,25 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
     except OSError as exc:  # the server still starts; the next start compiles again
         logger.warning("BLIP_COMPILE_CACHE: cannot write to %s (%s); the compiled model is not kept", path.parent, exc)
         path = Path(tempfile.mkdtemp(prefix="blip-compiled-")) / name  # removed once loaded
+        UNFINISHED.add(path.parent)
     with torch.no_grad():
         program = export()
     # Written beside its final name, then renamed: a second model worker, or a start cut short,
     # never leaves half a package under the name.
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".pt2")
     os.close(handle)
+    UNFINISHED.add(Path(partial))
     try:
         options = dict(INDUCTOR_OPTIONS)  # a copy: it adds its own keys to the dict it is given
         torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=options)
         os.replace(partial, path)
     finally:
         Path(partial).unlink(missing_ok=True)
+        UNFINISHED.discard(Path(partial))
     runner = load_package(path)
     if path.parent.name.startswith("blip-compiled-"):
         shutil.rmtree(path.parent)  # a loaded package has what it needs: it unpacks itself on loading
+        UNFINISHED.discard(path.parent)
     return runner, False
 
 
@@ -117,6 +155,7 @@ def load_package(path: Path):
     without running it: every start would leave one behind. So it unpacks into a folder of our
     own, removed once loaded (the loaded library and weights need no file)."""
     unpack = tempfile.mkdtemp(prefix="blip-unpack-")
+    UNFINISHED.add(Path(unpack))
     before = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = unpack  # read by the loader's C++ (the model process is still starting)
     try:
@@ -127,6 +166,7 @@ def load_package(path: Path):
         else:
             os.environ["TMPDIR"] = before
         shutil.rmtree(unpack, ignore_errors=True)
+        UNFINISHED.discard(Path(unpack))
 
 
 class VisionTower(torch.nn.Module):

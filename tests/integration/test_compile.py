@@ -5,6 +5,10 @@ uncompiled: tests/unit/model/test_engine.py."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import httpx
 import pytest
 
@@ -68,3 +72,34 @@ def test_compiled_server_captions_equal_the_reference_and_a_restart_loads_the_pa
     assert "(vision loaded, decoder loaded;" in second_log
     assert sorted(path.name for path in cache.glob("*.pt2")) == packages
     assert [a.body["caption"] for a in again] == [reference.caption(d) for d in images[:8]]
+
+
+@pytest.mark.slow  # starts the real server and stops it a few seconds into compiling
+def test_ctrl_c_while_compiling_stops_the_server_at_once_and_leaves_no_half_package(tiny_model_dir, tmp_path):
+    """Compiling cannot be interrupted, and the server went on compiling (76 s for the full-size
+    model) after a Ctrl-C before it stopped; now it stops at once, without the package it was writing."""
+    cache = tmp_path / "compile-cache"
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_PRECISION": "fp32",
+        "BLIP_COMPILE": "on",
+        "BLIP_COMPILE_CACHE": str(cache),
+    }
+    server = bento_server(env, tmp_path / "serve.log")
+    try:
+        server.start(ready=None)  # the API answers /readyz 503 while the model compiles
+        deadline = time.monotonic() + 120
+        while not list(cache.glob(".vision-*.pt2")):  # a package being written
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(server.process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole process group
+        started = time.monotonic()
+        server.process.wait(timeout=30)
+        took = time.monotonic() - started
+        log = server.log_text()
+    finally:
+        server.stop()
+    assert took < 10, f"stopped after {took:.0f} s"
+    assert "BLIP_COMPILE: stopped (signal" in log and "while compiling; exiting now" in log
+    assert "BLIP_COMPILE: ready in" not in log  # it did not finish compiling first
+    assert list(cache.glob("*.pt2")) == list(cache.glob(".*.pt2")) == []
