@@ -28,8 +28,8 @@ from blip_serve.model.devices import pick_compile, pick_device, pick_precision, 
 from blip_serve.model.engine import Finished, SeatEngine, unsupported_settings
 from blip_serve.shared.jobs import CaptionJob, CaptionResult, group_jobs
 from blip_serve.shared.model_config import decoder_prompt, image_processor_config
-from blip_serve.shared.model_files import RANDOM_WEIGHTS
-from blip_serve.shared.settings import Settings
+from blip_serve.shared.model_files import RANDOM_WEIGHTS, first_line
+from blip_serve.shared.settings import Settings, cxx_compiler
 
 logger = logging.getLogger("bentoml.blip_serve")
 # The vision work of a client that holds more seats than another, between two steps: half a step's
@@ -184,6 +184,13 @@ class BlipCaptioner:
                 "greedy captions run as whole batches: the generation config sets %s", ", ".join(unsupported)
             )
         compile_model = pick_compile(settings.compile, self.device, self.precision)
+        if compile_model and not cxx_compiler():  # BLIP_COMPILE=auto (settings refuse `on` without one)
+            logger.warning(
+                "BLIP_COMPILE=auto would compile %s here, but no C++ compiler was found ($CXX, else g++): "
+                "serving uncompiled; install g++ to compile",
+                self.precision,
+            )
+            compile_model = False
         self.engine = None
         ahead_of_time = compile_model and self.device == "cpu"  # AOTInductor packages (compiled.py)
         if not unsupported:  # a vision tower compiled as a whole (on a CPU) runs whole
@@ -232,7 +239,17 @@ class BlipCaptioner:
         """BLIP_COMPILE, before /readyz turns 200. Every size is symbolic: nothing compiles while serving."""
         started = time.monotonic()
         if self.device == "cpu":
-            how = self.compile_ahead_of_time(model_dir, settings)
+            try:
+                how = self.compile_ahead_of_time(model_dir, settings)
+            except Exception as exc:  # a broken toolchain, a full disk: serve what is not compiled
+                # (a part is swapped in only once its package loaded), rather than fail every restart
+                logger.error(
+                    "BLIP_COMPILE: compiling failed (%s: %s); serving with %s compiled",
+                    type(exc).__name__,
+                    first_line(exc),
+                    "+".join(self.compiled_parts) or "nothing",
+                )
+                return
         else:
             how = self.compile_at_first_calls()
         logger.info("BLIP_COMPILE: ready in %.0f s (%s)", time.monotonic() - started, how)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shutil
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -97,11 +98,22 @@ class Settings(BaseSettings):
                 f"BLIP_MAX_NEW_TOKENS={self.max_new_tokens} is more than "
                 f"BLIP_MAX_NEW_TOKENS_LIMIT={self.max_new_tokens_limit}"
             )
+        if self.compile == "on" and not cxx_compiler():
+            raise ValueError(
+                "BLIP_COMPILE=on needs a C++ compiler, and none was found ($CXX, else g++ on the PATH): "
+                "install g++ (Debian: apt-get install g++), or set BLIP_COMPILE=auto or off"
+            )
         if self.max_queued_images and self.max_queued_images < self.max_files_per_request:
             raise ValueError(
                 f"BLIP_MAX_QUEUED_IMAGES={self.max_queued_images} is less than "
                 f"BLIP_MAX_FILES_PER_REQUEST={self.max_files_per_request}: a full /captions could never be queued"
             )
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch's inductor would run to compile the model ($CXX, else g++): a slim
+    container has none, and compiling would fail after the model loaded, at every restart."""
+    return shutil.which(os.environ.get("CXX") or "g++")
 
 
 class BadSetting(SystemExit):

@@ -103,3 +103,31 @@ def test_ctrl_c_while_compiling_stops_the_server_at_once_and_leaves_no_half_pack
     assert "BLIP_COMPILE: stopped (signal" in log and "while compiling; exiting now" in log
     assert "BLIP_COMPILE: ready in" not in log  # it did not finish compiling first
     assert list(cache.glob("*.pt2")) == list(cache.glob(".*.pt2")) == []
+
+
+@pytest.mark.slow  # starts the real server (tiny model) and tries to compile
+@pytest.mark.parametrize(
+    "settings, logged",
+    [
+        # A compiler that fails (a broken toolchain; a full disk fails likewise): captions all the same.
+        ({"BLIP_COMPILE": "on", "BLIP_PRECISION": "fp32", "CXX": "/bin/false"}, "BLIP_COMPILE: compiling failed ("),
+        # auto compiles bf16, but a slim container has no compiler: a warning, not a failed start.
+        (
+            {"BLIP_COMPILE": "auto", "BLIP_PRECISION": "bf16", "CXX": "/nonexistent/g++"},
+            "but no C++ compiler was found",
+        ),
+    ],
+    ids=["compiler-fails", "no-compiler"],
+)
+def test_a_model_that_cannot_be_compiled_is_served_uncompiled(tiny_model_dir, reference, tmp_path, settings, logged):
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_COMPILE_CACHE": str(tmp_path / "cache"), **settings}
+    image = encode(scene(1200), "PNG")
+    with bento_server(env, tmp_path / "serve.log") as server:
+        answer = post_caption(server, files={"file": image})
+        info = httpx.get(f"{server.url}/info").json()
+        log = server.log_text()
+    assert logged in log and "Traceback" not in log
+    assert info["compiled_parts"] == [] and info["compiled"] is False
+    assert answer.status_code == 200
+    if settings.get("BLIP_PRECISION") == "fp32":
+        assert answer.json() == {"caption": reference.caption(image)}

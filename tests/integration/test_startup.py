@@ -44,6 +44,13 @@ def test_a_bad_setting_stops_the_server_with_one_line(tiny_model_dir, tmp_path, 
     assert elapsed < 30
 
 
+def test_compile_on_without_a_cxx_compiler_stops_the_server_with_one_line(tiny_model_dir, tmp_path):
+    env = {"BLIP_MODEL": tiny_model_dir, "BLIP_COMPILE": "on", "CXX": "/nonexistent/g++"}
+    code, output, elapsed = serve(env, tmp_path)
+    assert code != 0 and elapsed < 30
+    assert output.strip().startswith("invalid settings: BLIP_COMPILE=on needs a C++ compiler, and none was found")
+
+
 def test_no_hub_and_no_model_says_what_to_do(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub is unreachable
     env = {"HF_ENDPOINT": closed, "BLIP_MODEL": ""}

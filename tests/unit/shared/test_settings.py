@@ -118,6 +118,19 @@ def test_a_bad_compile_value_names_what_is_allowed():
         load_settings({"BLIP_COMPILE": "sometimes"})
 
 
+def test_compile_on_without_a_cxx_compiler_is_refused_at_start(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")  # as in a slim container: no compiler at all
+    with pytest.raises(BadSetting) as raised:
+        load_settings({"BLIP_COMPILE": "on"})
+    assert str(raised.value) == (
+        "invalid settings: BLIP_COMPILE=on needs a C++ compiler, and none was found ($CXX, else g++ on the "
+        "PATH): install g++ (Debian: apt-get install g++), or set BLIP_COMPILE=auto or off"
+    )
+    assert load_settings({"BLIP_COMPILE": "auto"}).compile == "auto"  # auto serves uncompiled there
+    monkeypatch.delenv("CXX")
+    assert load_settings({"BLIP_COMPILE": "on"}).compile == "on"  # g++ on the PATH (CI installs it)
+
+
 def test_auto_compiles_wherever_the_precision_is_not_the_exact_fp32():
     assert pick_compile("auto", "cpu", "fp32") is False  # the exact path, and too little gain on a CPU
     assert pick_compile("auto", "cuda:0", "fp32") is False
