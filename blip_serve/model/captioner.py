@@ -249,6 +249,8 @@ class BlipCaptioner:
                     first_line(exc),
                     "+".join(self.compiled_parts) or "nothing",
                 )
+                if self.engine is not None and "vision" not in self.compiled_parts:
+                    self.engine.piecewise = True  # an eager tower is encoded layer by layer, as uncompiled
                 return
         else:
             how = self.compile_at_first_calls()
