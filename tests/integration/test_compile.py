@@ -12,9 +12,10 @@ import time
 import httpx
 import pytest
 
-from blip_serve.shared.settings import load_settings
+from blip_serve.shared.settings import cxx_compiler, load_settings
 from support.clients import post_caption, post_concurrently
 from support.images import encode, scene
+from support.tools import require
 from tools.servers import bento_server
 
 
@@ -41,6 +42,7 @@ def test_a_generation_config_with_other_rules_keeps_generate(captioner):
 def test_compiled_server_captions_equal_the_reference_and_a_restart_loads_the_packages(
     tiny_model_dir, reference, tmp_path
 ):
+    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
     cache = tmp_path / "compile-cache"
     env = {
         "BLIP_MODEL": tiny_model_dir,
@@ -78,6 +80,7 @@ def test_compiled_server_captions_equal_the_reference_and_a_restart_loads_the_pa
 def test_ctrl_c_while_compiling_stops_the_server_at_once_and_leaves_no_half_package(tiny_model_dir, tmp_path):
     """Compiling cannot be interrupted, and the server went on compiling (76 s for the full-size
     model) after a Ctrl-C before it stopped; now it stops at once, without the package it was writing."""
+    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
     cache = tmp_path / "compile-cache"
     env = {
         "BLIP_MODEL": tiny_model_dir,

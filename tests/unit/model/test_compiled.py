@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from blip_serve.model import compiled
+from blip_serve.shared.settings import cxx_compiler
+from support.tools import require
 
 
 def test_the_weights_id_follows_the_files(tiny_model_dir, tmp_path):
@@ -53,6 +55,7 @@ def small_layer():
 @pytest.mark.slow  # an AOTInductor compile of a small layer (about 10 s on 2 cores)
 def test_a_package_that_does_not_load_is_compiled_again_and_the_next_start_loads_it(tmp_path, caplog, monkeypatch):
     layer, example, export = small_layer()
+    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
@@ -79,6 +82,7 @@ def test_a_package_that_does_not_load_is_compiled_again_and_the_next_start_loads
 @pytest.mark.slow  # an AOTInductor compile of a small layer
 def test_a_folder_it_cannot_write_still_serves_compiled(tmp_path, caplog, monkeypatch):
     layer, example, export = small_layer()
+    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
     (tmp_path / "temp").mkdir()
     (tmp_path / "a-file").write_text("")
