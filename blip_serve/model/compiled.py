@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ logger = logging.getLogger("bentoml.blip_serve")
 INDUCTOR_OPTIONS = {"freezing": True}
 LONGEST_CACHE = 8192  # positions a seat's self-attention buffers may hold (the step's symbolic bound)
 UNFINISHED: set[Path] = set()  # being written: removed if the process is stopped meanwhile
+# A partial package this old was left by a process killed while compiling (the OOM killer, SIGKILL):
+# removed at the next compile. A compile takes minutes; one under way has a younger file.
+STALE_PARTIAL_S = 3600
 
 
 @contextlib.contextmanager
@@ -128,6 +132,10 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
         logger.warning("BLIP_COMPILE_CACHE: cannot write to %s (%s); the compiled model is not kept", path.parent, exc)
         path = Path(tempfile.mkdtemp(prefix="blip-compiled-")) / name  # removed once loaded
         UNFINISHED.add(path.parent)
+    for left in path.parent.glob(f".{name}.*.pt2"):
+        with contextlib.suppress(OSError):  # gone already: another worker removed it
+            if time.time() - left.stat().st_mtime > STALE_PARTIAL_S:
+                left.unlink()
     with torch.no_grad():
         program = export()
     # Written beside its final name, then renamed: a second model worker, or a start cut short,

@@ -63,11 +63,16 @@ def test_a_package_that_does_not_load_is_compiled_again_and_the_next_start_loads
     (tmp_path / "cache").mkdir()
     tmp_path = tmp_path / "cache"
     (tmp_path / "layer.pt2").write_bytes(b"PK\x03\x04" + bytes(1000))  # a package cut short
+    killed = tmp_path / ".layer.pt2.killed.pt2"  # left by a process killed while compiling, hours ago
+    killed.write_bytes(bytes(1000))
+    os.utime(killed, (killed.stat().st_atime, killed.stat().st_mtime - 2 * compiled.STALE_PARTIAL_S))
+    (tmp_path / ".layer.pt2.writing.pt2").write_bytes(b"")  # another worker's compile, under way
     runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
     assert not loaded and "does not load" in caplog.text
     with torch.inference_mode():
         assert torch.allclose(runner(example), layer(example), atol=1e-6)
-    assert [path.name for path in tmp_path.iterdir()] == ["layer.pt2"]  # no partial package left
+    # No partial package of its own left, the old one removed, the one under way untouched.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".layer.pt2.writing.pt2", "layer.pt2"]
 
     runner, loaded = compiled.load_or_compile(str(tmp_path), "layer.pt2", export)
     assert loaded  # the next start reads it
