@@ -26,6 +26,19 @@ def captioner(tiny_model_dir):
     return BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "fp32"}))
 
 
+def compiling(tiny_model_dir, tmp_path) -> tuple:
+    """A compile cache, and a server's settings that compile the tiny model into it (fp32)."""
+    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
+    cache = tmp_path / "compile-cache"
+    env = {
+        "BLIP_MODEL": tiny_model_dir,
+        "BLIP_PRECISION": "fp32",
+        "BLIP_COMPILE": "on",
+        "BLIP_COMPILE_CACHE": str(cache),
+    }
+    return cache, env
+
+
 def test_a_generation_config_with_other_rules_keeps_generate(captioner):
     from blip_serve.model.engine import unsupported_settings
 
@@ -42,14 +55,7 @@ def test_a_generation_config_with_other_rules_keeps_generate(captioner):
 def test_compiled_server_captions_equal_the_reference_and_a_restart_loads_the_packages(
     tiny_model_dir, reference, tmp_path
 ):
-    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
-    cache = tmp_path / "compile-cache"
-    env = {
-        "BLIP_MODEL": tiny_model_dir,
-        "BLIP_PRECISION": "fp32",
-        "BLIP_COMPILE": "on",
-        "BLIP_COMPILE_CACHE": str(cache),
-    }
+    cache, env = compiling(tiny_model_dir, tmp_path)
     images = [encode(scene(1100 + i), "PNG") for i in range(24)]
     with bento_server(env, tmp_path / "first.log") as server:
         answers = post_concurrently(f"{server.url}/caption", images)
@@ -80,14 +86,7 @@ def test_compiled_server_captions_equal_the_reference_and_a_restart_loads_the_pa
 def test_ctrl_c_while_compiling_stops_the_server_at_once_and_leaves_no_half_package(tiny_model_dir, tmp_path):
     """Compiling cannot be interrupted, and the server went on compiling (76 s for the full-size
     model) after a Ctrl-C before it stopped; now it stops at once, without the package it was writing."""
-    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
-    cache = tmp_path / "compile-cache"
-    env = {
-        "BLIP_MODEL": tiny_model_dir,
-        "BLIP_PRECISION": "fp32",
-        "BLIP_COMPILE": "on",
-        "BLIP_COMPILE_CACHE": str(cache),
-    }
+    cache, env = compiling(tiny_model_dir, tmp_path)
     server = bento_server(env, tmp_path / "serve.log")
     try:
         server.start(ready=None)  # the API answers /readyz 503 while the model compiles
