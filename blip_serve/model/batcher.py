@@ -194,7 +194,7 @@ class FairQueue(Generic[J]):
         caption, so one client's long captions could otherwise take every seat another's frees."""
         held = Counter(held)
         most = -(-self.max_batch_size // 2)
-        active = {p.flow.client for p in self.queued} | {client for client, seats in held.items() if seats} | recent
+        active = self.active_clients(held, recent)
         chosen = []
         for pending in sorted(self.queued, key=self.sort_key):
             if len(chosen) == room or not fits(pending.job):
@@ -205,6 +205,10 @@ class FairQueue(Generic[J]):
             chosen.append(pending)
             held[client] += 1
         return self.take(chosen) if chosen else []
+
+    def active_clients(self, held: Counter, recent: frozenset) -> set:
+        """The clients sharing the seats: images queued, seats `held`, or answered just now (`recent`)."""
+        return {p.flow.client for p in self.queued} | {client for client, seats in held.items() if seats} | recent
 
     def take(self, batch: list[Pending[J]]) -> list[Pending[J]]:
         # The virtual time moves on by the batch's cost shared among the clients waiting for the
@@ -375,10 +379,9 @@ class Batcher(Generic[J, R]):
         images, however many, do not stall the other's captions, and the other's images encode at once."""
         started = self.clock()
         held = Counter(p.flow.client for p in self.seated)
-        # Active clients as take_seats counts them: seated, answered just now, or queued (a client
-        # whose first image waits for a seat would otherwise wait for another's encodes, whole).
-        waiting = {p.flow.client for p in self.queue.queued}
-        fewest = min((held[client] for client in {*held, *self.recent_clients(), *waiting}), default=0)
+        # Active clients as take_seats counts them, the queued included (a client whose first image
+        # waits for a seat would otherwise wait for another's encodes, whole).
+        fewest = min((held[client] for client in self.queue.active_clients(held, self.recent_clients())), default=0)
         spread = {p for p in self.seated if held[p.flow.client] > fewest}
         try:
             self.answer(await self.seats.step(spread))

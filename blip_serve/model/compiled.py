@@ -57,10 +57,7 @@ def stopped_at_once():
     def stop(signum, frame) -> None:
         logger.warning("BLIP_COMPILE: stopped (signal %d) while compiling; exiting now", signum)
         for path in list(UNFINISHED):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            remove(path)
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(128 + signum)
@@ -71,6 +68,24 @@ def stopped_at_once():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def removed_afterwards(path: Path):
+    """`path` (a file or a folder) for the block: removed after it, or if the process is stopped during it."""
+    UNFINISHED.add(path)
+    try:
+        yield path
+    finally:
+        remove(path)
+        UNFINISHED.discard(path)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def default_folder() -> str:
@@ -125,36 +140,35 @@ def load_or_compile(folder: str, name: str, export) -> tuple[object, bool]:
             return load_package(path), True
         except Exception as exc:  # a package cut short, or from other software: compile it again
             logger.warning("BLIP_COMPILE: %s does not load (%s); compiling it again", path, exc)
+    with contextlib.ExitStack() as afterwards:
+        if not writable(path.parent):  # the server still starts; the next start compiles again
+            folder = Path(tempfile.mkdtemp(prefix="blip-compiled-"))
+            path = afterwards.enter_context(removed_afterwards(folder)) / name  # a loaded package needs no file
+        for left in path.parent.glob(f".{name}.*.pt2"):
+            with contextlib.suppress(OSError):  # gone already: another worker removed it
+                if time.time() - left.stat().st_mtime > STALE_PARTIAL_S:
+                    left.unlink()
+        with torch.no_grad():
+            program = export()
+        # Written beside its final name, then renamed: a second model worker, or a start cut short,
+        # never leaves half a package under the name.
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".pt2")
+        os.close(handle)
+        with removed_afterwards(Path(partial)):
+            options = dict(INDUCTOR_OPTIONS)  # a copy: it adds its own keys to the dict it is given
+            torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=options)
+            os.replace(partial, path)
+        return load_package(path), False
+
+
+def writable(folder: Path) -> bool:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path.parent).close()
-    except OSError as exc:  # the server still starts; the next start compiles again
-        logger.warning("BLIP_COMPILE_CACHE: cannot write to %s (%s); the compiled model is not kept", path.parent, exc)
-        path = Path(tempfile.mkdtemp(prefix="blip-compiled-")) / name  # removed once loaded
-        UNFINISHED.add(path.parent)
-    for left in path.parent.glob(f".{name}.*.pt2"):
-        with contextlib.suppress(OSError):  # gone already: another worker removed it
-            if time.time() - left.stat().st_mtime > STALE_PARTIAL_S:
-                left.unlink()
-    with torch.no_grad():
-        program = export()
-    # Written beside its final name, then renamed: a second model worker, or a start cut short,
-    # never leaves half a package under the name.
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".pt2")
-    os.close(handle)
-    UNFINISHED.add(Path(partial))
-    try:
-        options = dict(INDUCTOR_OPTIONS)  # a copy: it adds its own keys to the dict it is given
-        torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=options)
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-        UNFINISHED.discard(Path(partial))
-    runner = load_package(path)
-    if path.parent.name.startswith("blip-compiled-"):
-        shutil.rmtree(path.parent)  # a loaded package has what it needs: it unpacks itself on loading
-        UNFINISHED.discard(path.parent)
-    return runner, False
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder).close()
+        return True
+    except OSError as exc:
+        logger.warning("BLIP_COMPILE_CACHE: cannot write to %s (%s); the compiled model is not kept", folder, exc)
+        return False
 
 
 def load_package(path: Path):
@@ -162,19 +176,16 @@ def load_package(path: Path):
     folder under $TMPDIR that only the runner's destructor removes, and a server process ends
     without running it: every start would leave one behind. So it unpacks into a folder of our
     own, removed once loaded (the loaded library and weights need no file)."""
-    unpack = tempfile.mkdtemp(prefix="blip-unpack-")
-    UNFINISHED.add(Path(unpack))
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = unpack  # read by the loader's C++ (the model process is still starting)
-    try:
-        return torch._inductor.aoti_load_package(str(path))
-    finally:
-        if before is None:
-            del os.environ["TMPDIR"]
-        else:
-            os.environ["TMPDIR"] = before
-        shutil.rmtree(unpack, ignore_errors=True)
-        UNFINISHED.discard(Path(unpack))
+    with removed_afterwards(Path(tempfile.mkdtemp(prefix="blip-unpack-"))) as unpack:
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(unpack)  # read by the loader's C++ (the model process is still starting)
+        try:
+            return torch._inductor.aoti_load_package(str(path))
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
 
 
 class VisionTower(torch.nn.Module):
