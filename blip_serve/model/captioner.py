@@ -375,14 +375,11 @@ class BlipCaptioner:
                 with torch.inference_mode():
                     pixel_values = self.pixel_values(list(jobs)).to(self.input_dtype)
                 limits = [(job.max_new_tokens, min(self.min_new_tokens, job.max_new_tokens)) for job in jobs]
-                finished = self.engine.join(
-                    list(tickets), pixel_values, list(prompts), limits, list(priorities), encode_now=False
-                )
+                self.engine.join(list(tickets), pixel_values, list(prompts), limits, list(priorities), encode_now=False)
             except Exception:
                 for ticket in tickets:
                     self.engine.release(ticket)
                 raise
-            answered.extend((done.ticket, self.finished_result(done)) for done in finished)
 
         def fail(joined: tuple, exc: Exception) -> None:
             answered.append((joined[0], self.failure(exc)))
@@ -413,16 +410,14 @@ class BlipCaptioner:
         # next image is on its way: the batcher spreads only while another client is active).
         budget_s = SPREAD_SHARE * self.engine.last_step_s if spread else None
         try:
-            finished = self.engine.encode(budget_s, spread, turn_s=ENCODE_TURN_S)
+            self.engine.encode(budget_s, spread, turn_s=ENCODE_TURN_S)
         except Exception as exc:  # every image being encoded gets the error; seated captions go on
             seated = {seat.ticket for seat in self.engine.seats if seat is not None}
             failed = [ticket for ticket in encoding if ticket not in seated]
             for ticket in failed:
                 self.engine.release(ticket)
             answered += [(ticket, self.failure(exc)) for ticket in failed]
-            finished = []
-        finished += self.engine.step()
-        return answered + [(done.ticket, self.finished_result(done)) for done in finished]
+        return answered + [(done.ticket, self.finished_result(done)) for done in self.engine.step()]
 
     def finished_result(self, done: Finished) -> CaptionResult:
         caption = self.processor.tokenizer.decode(done.tokens, skip_special_tokens=True)

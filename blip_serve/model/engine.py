@@ -5,10 +5,12 @@ keeps its row, and a new image waits for the whole batch. Here every image has a
 the decoder's key/value buffers, with its own prompt, position and max_new_tokens:
 
 - **join**: a new image takes a seat and is encoded: the vision tower, a layer at a time, so that
-  the batcher can spread that work between steps (`encode` with a time budget); then its prompt
-  runs through transformers' own decoder once (the prefill `generate` does: it also makes the
-  image's cross-attention keys and values, kept in the seat), and it picks its first token. From
-  the next step on it decodes beside the others, whatever their prompts and lengths.
+  the batcher can spread that work between steps (`encode` with a time budget), then every decoder
+  layer's cross-attention keys and values over the image, once, kept in the seat. From the next
+  step on it decodes beside the others, whatever their prompts and lengths: the steps read its
+  prompt ([DEC] and the prompt's tokens) a token a step, then pick its tokens. There is no prefill
+  call of its own (`generate` runs the prompt in one pass): on a small model that call cost as
+  much again as the image's vision tower.
 - **step**: one token for every seat, in one batch; each row attends to its own positions only.
 - **leave**: a seat frees the step its caption ends (the end token, or its max_new_tokens), or when
   its caller is gone (`release`), and the next image can take it at once.
@@ -25,11 +27,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import BlipForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 # Generation settings that add logits processors the engine does not apply: if a model's
 # generation config sets one, every caption goes through `generate`.
@@ -59,11 +60,23 @@ class Seat:
     """One caption being decoded."""
 
     ticket: object  # the scheduler's handle for the job (its result goes back with it)
-    tokens: list[int]  # the prompt ([DEC] + its tokens), then every token picked so far
-    start: int  # how many of `tokens` are the prompt
+    prompt: list[int]  # [DEC] + the prompt's tokens
     max_new_tokens: int
     min_new_tokens: int
+    tokens: list[int] = field(default_factory=list)  # the prompt's tokens read so far, then those picked
     stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens = self.tokens or self.prompt[:1]
+
+    @property
+    def start(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def reading_prompt(self) -> bool:
+        """Is the next step's token still the prompt's (forced), not one to pick?"""
+        return len(self.tokens) < len(self.prompt)
 
     @property
     def generated(self) -> int:
@@ -160,25 +173,27 @@ class SeatEngine:
         limits: list[tuple[int, int]],
         priorities: list[float] | None = None,
         encode_now: bool = True,
-    ) -> list[Finished]:
+    ) -> None:
         """Take a seat for each ticket's image (at most free_seats()): `prompts` are the decoder's
         start tokens ([DEC] + prompt), `limits` (max_new_tokens, min_new_tokens). With `encode_now`
         the images are encoded and seated here; else their encoding waits for `encode` (in the
-        order of `priorities`, smallest first). Returns the captions that ended at their first token."""
+        order of `priorities`, smallest first). Their captions start at the next step."""
         if len(tickets) > self.free_seats():
             raise ValueError(f"{len(tickets)} images for {self.free_seats()} free seats")
         if not self.piecewise:
-            return self.seat(tickets, self.vision(pixel_values=pixel_values)[0], prompts, limits)
+            self.seat(tickets, self.vision(pixel_values=pixel_values)[0], prompts, limits)
+            return
         hidden = self.vision.embeddings(pixel_values)
         for row, ticket in enumerate(tickets):
             priority = priorities[row] if priorities else 0.0
             self.encoding.append(Encoding(ticket, prompts[row], limits[row], priority, hidden[row : row + 1]))
-        return self.encode() if encode_now else []
+        if encode_now:
+            self.encode()
 
     @torch.inference_mode()
     def encode(
         self, budget_s: float | None = None, spread: set | frozenset = frozenset(), turn_s: float | None = None
-    ) -> list[Finished]:
+    ) -> None:
         """Run the waiting images through the vision tower's layers, in priority order (smallest
         first), the images of tickets in `spread` last: all of them, or, with `budget_s`, the
         images in `spread` only for that long on average; and with `turn_s`, any images only for
@@ -187,14 +202,14 @@ class SeatEngine:
         layer (and, after the last layer, its prefill), which can take longer than a budget:
         while captions are being written, the time beyond it is owed, and later calls pay it back
         before they run any spread work. Images at the same layer run as one batch. Seats the
-        images that came through; returns the captions that ended at their first token."""
+        images that came through."""
         layers = self.vision.encoder.layers
         waiting = any(image.ticket in spread for image in self.encoding)
         owing = budget_s is not None and waiting and self.decoding() > 0
         if not owing:  # no budget, nothing spread waiting, or no caption to keep moving: nothing owed
             self.spread_owed = 0.0
         allowance = None if budget_s is None else budget_s - self.spread_owed
-        started, spent, finished, ran = time.perf_counter(), 0.0, [], False
+        started, spent, ran = time.perf_counter(), 0.0, False
         while self.encoding:
             elapsed = time.perf_counter() - started
             if turn_s is not None and ran and elapsed >= turn_s:
@@ -218,83 +233,58 @@ class SeatEngine:
             through = [image for image in self.encoding if image.layer == len(layers)]
             if through:
                 self.encoding = [image for image in self.encoding if image.layer < len(layers)]
-                embeds = self.vision.post_layernorm(torch.cat([image.hidden for image in through]))
-                # What BlipVisionModel returns, in the decoder's dtype (`hybrid`: bf16 tower, fp32 decoder).
-                finished += self.seat(
+                embeds = self.vision.post_layernorm(torch.cat([image.hidden for image in through]))  # BlipVisionModel's
+                self.seat(
                     [image.ticket for image in through],
-                    embeds.to(self.text_dtype),
+                    embeds,
                     [image.prompt for image in through],
                     [image.limits for image in through],
                 )
             if limited:
-                spent += time.perf_counter() - before  # the layer, and the prefill of the images it finished
+                spent += time.perf_counter() - before  # the layer, and the seating of the images it finished
         if owing:
             self.spread_owed = max(0.0, spent - allowance) if allowance >= 0 else -allowance
-        return finished
 
     def seat(
         self, tickets: list[object], image_embeds: torch.Tensor, prompts: list[list[int]], limits: list[tuple[int, int]]
-    ) -> list[Finished]:
-        """Prefill each image's prompt (images with one prompt together, as generate does) and
-        seat it with its first token; returns the captions that ended with it."""
-        finished = []
-        by_prompt: dict[tuple[int, ...], list[int]] = {}
-        for row, prompt in enumerate(prompts):
-            by_prompt.setdefault(tuple(prompt), []).append(row)
-        for prompt, rows in by_prompt.items():
-            embeds = image_embeds[rows]
-            ids = torch.tensor([prompt] * len(rows), device=embeds.device)
-            cache = EncoderDecoderCache(
-                DynamicCache(config=self.decoder.config), DynamicCache(config=self.decoder.config)
-            )
-            prefill = self.decoder(
-                input_ids=ids,
-                encoder_hidden_states=embeds,
-                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = prefill.logits[:, -1, :].float()
-            for i, row in enumerate(rows):
-                max_new_tokens, min_new_tokens = limits[row]
-                seat = Seat(tickets[row], list(prompt), len(prompt), max_new_tokens, min_new_tokens)
-                self.pick([seat], logits[i : i + 1])
-                if seat.done():
-                    finished.append(self.finish(seat))
-                    continue
-                index = self.seats.index(None)
-                self.seats[index] = seat
-                self.copy_in(index, i, cache, len(prompt) + max_new_tokens)
-        return finished
+    ) -> None:
+        """Seat each image with what its captions attend to: every decoder layer's cross-attention
+        keys and values over the image's tokens, computed as BlipTextSelfAttention computes them
+        (in the decoder's dtype: `hybrid` runs a bf16 tower and a fp32 decoder)."""
+        embeds = image_embeds.to(self.text_dtype)
+        shape = (*embeds.shape[:-1], self.heads, self.head_dim)
+        cross = [layer.crossattention.self for layer in self.layers]
+        keys = [attention.key(embeds).view(shape).transpose(1, 2) for attention in cross]
+        values = [attention.value(embeds).view(shape).transpose(1, 2) for attention in cross]
+        if not self.cross_keys:
+            shape = (len(self.seats), *keys[0].shape[1:])
+            self.cross_keys = [keys[0].new_zeros(shape) for _ in self.layers]
+            self.cross_values = [keys[0].new_zeros(shape) for _ in self.layers]
+        for row, ticket in enumerate(tickets):
+            max_new_tokens, min_new_tokens = limits[row]
+            self.grow(len(prompts[row]) + max_new_tokens, keys[0])
+            index = self.seats.index(None)
+            self.seats[index] = Seat(ticket, list(prompts[row]), max_new_tokens, min_new_tokens)
+            for layer in range(len(self.layers)):
+                self.cross_keys[layer][index] = keys[layer][row]
+                self.cross_values[layer][index] = values[layer][row]
 
     def pick(self, seats: list[Seat], logits: torch.Tensor) -> None:
-        """Each seat's next token from its row of `logits`, by generate's greedy rules: no end token
-        before min_new_tokens."""
+        """Each seat's next token: its prompt's next one while it reads its prompt, else from its
+        row of `logits`, by generate's greedy rules: no end token before min_new_tokens."""
         early = [i for i, seat in enumerate(seats) if seat.generated < seat.min_new_tokens]
         if early:
             logits[early, self.eos] = -math.inf
         for seat, token in zip(seats, logits.argmax(dim=-1).tolist()):
+            if seat.reading_prompt:
+                seat.tokens.append(seat.prompt[len(seat.tokens)])
+                continue
             seat.tokens.append(token)
             seat.stopped = token == self.eos
 
     @staticmethod
     def finish(seat: Seat) -> Finished:
         return Finished(seat.ticket, seat.tokens, seat.start, seat.stopped)
-
-    def copy_in(self, index: int, row: int, cache: EncoderDecoderCache, needs: int) -> None:
-        """The prefill's keys and values for `row` into seat `index`'s buffers."""
-        self_layers, cross_layers = cache.self_attention_cache.layers, cache.cross_attention_cache.layers
-        if not self.cross_keys:
-            shape = (len(self.seats), *cross_layers[0].keys.shape[1:])
-            self.cross_keys = [cross_layers[0].keys.new_zeros(shape) for _ in self.layers]
-            self.cross_values = [cross_layers[0].keys.new_zeros(shape) for _ in self.layers]
-        self.grow(needs, self_layers[0].keys)
-        start = self_layers[0].keys.shape[2]
-        for layer, (own, cross) in enumerate(zip(self_layers, cross_layers)):
-            self.self_keys[layer][index, :, :start] = own.keys[row]
-            self.self_values[layer][index, :, :start] = own.values[row]
-            self.cross_keys[layer][index] = cross.keys[row]
-            self.cross_values[layer][index] = cross.values[row]
 
     def grow(self, positions: int, like: torch.Tensor) -> None:
         """Self-attention buffers for at least `positions` positions, in blocks of CACHE_BLOCK."""

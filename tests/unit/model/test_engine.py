@@ -57,7 +57,7 @@ def join(captioner, engine, requests: list[tuple[int, np.ndarray, str | None, in
     values = captioner.normalize(np.stack([pixels for _, pixels, *_ in requests]))
     prompts = [captioner.start_tokens(prompt or "") for _, _, prompt, _, _ in requests]
     limits = [(most, least) for *_, most, least in requests]
-    return engine.join(tickets, values, prompts, limits)
+    engine.join(tickets, values, prompts, limits)
 
 
 def test_mixed_prompts_and_lengths_sharing_steps_equal_generate_alone(captioner, pixels):
@@ -68,10 +68,10 @@ def test_mixed_prompts_and_lengths_sharing_steps_equal_generate_alone(captioner,
     waiting, tokens, steps_shared = list(requests), {}, []
     while waiting or seats.busy_seats():
         joining, waiting = waiting[: min(2, seats.free_seats())], waiting[min(2, seats.free_seats()) :]
-        finished = join(captioner, seats, joining) if joining else []
+        if joining:
+            join(captioner, seats, joining)
         steps_shared.append({seat.ticket for seat in seats.seats if seat is not None})
-        finished += seats.step()
-        tokens.update({done.ticket: done.tokens for done in finished})
+        tokens.update({done.ticket: done.tokens for done in seats.step()})
 
     assert max(len(shared) for shared in steps_shared) == 4  # the steps were shared
     for ticket, image, prompt, most, least in requests:
@@ -80,11 +80,11 @@ def test_mixed_prompts_and_lengths_sharing_steps_equal_generate_alone(captioner,
 
 def test_a_seat_frees_the_step_its_caption_ends_and_the_next_image_takes_it(captioner, pixels):
     seats = engine(captioner, 2)
-    assert join(captioner, seats, [("long", pixels[0], None, 20, 20), ("short", pixels[1], None, 3, 3)]) == []
-    assert seats.step() == []  # the second token of each
+    join(captioner, seats, [("long", pixels[0], None, 20, 20), ("short", pixels[1], None, 3, 3)])
+    assert seats.step() == [] and seats.step() == []  # the first and second token of each
     [short] = seats.step()  # the short caption's third and last token
     assert short.ticket == "short" and seats.free_seats() == 1
-    assert join(captioner, seats, [("next", pixels[2], "a picture of", 6, 6)]) == []
+    join(captioner, seats, [("next", pixels[2], "a picture of", 6, 6)])
     assert seats.free_seats() == 0
     finished = {}
     while seats.busy_seats():
@@ -100,16 +100,35 @@ def test_a_released_seat_is_free_at_once_and_never_answered(captioner, pixels):
     join(captioner, seats, [("gone", pixels[0], None, 10, 10), ("stays", pixels[1], None, 4, 4)])
     seats.release("gone")
     assert seats.free_seats() == 1
-    answered = [done.ticket for _ in range(3) for done in seats.step()]
+    answered = [done.ticket for _ in range(4) for done in seats.step()]
     assert answered == ["stays"] and seats.busy_seats() == 0
 
 
-def test_a_caption_that_ends_at_its_first_token_never_takes_a_seat(captioner, pixels):
+def test_a_caption_that_ends_at_its_first_token_frees_its_seat_at_the_first_step(captioner, pixels):
     seats = engine(captioner, 1)
-    [done] = join(captioner, seats, [("one", pixels[0], None, 1, 0)])
+    join(captioner, seats, [("one", pixels[0], None, 1, 0)])
+    assert seats.free_seats() == 0
+    [done] = seats.step()
     assert done.tokens == generate_alone(captioner, pixels[0], None, 1, 0) and seats.free_seats() == 1
     with pytest.raises(ValueError, match="2 images for 1 free seats"):
         join(captioner, seats, [("a", pixels[0], None, 5, 0), ("b", pixels[1], None, 5, 0)])
+
+
+def test_a_long_prompt_is_read_a_token_a_step_beside_captions_being_written(captioner, pixels):
+    """The steps read a prompt's tokens before they pick any: a caption with no prompt and one with
+    a four-token prompt, seated together, start writing three steps apart, and both equal generate."""
+    seats = engine(captioner, 2)
+    join(captioner, seats, [("plain", pixels[0], None, 6, 6), ("prompted", pixels[1], "a photo of a", 6, 6)])
+    prompted = next(seat for seat in seats.seats if seat.ticket == "prompted")
+    assert prompted.start == len(captioner.start_tokens("a photo of a")) > 3
+    for _ in range(prompted.start - 1):
+        seats.step()
+        assert prompted.generated <= 0  # still the prompt's tokens
+    finished = {}
+    while seats.busy_seats():
+        finished.update({done.ticket: done.tokens for done in seats.step()})
+    assert finished["plain"] == generate_alone(captioner, pixels[0], None, 6, 6)
+    assert finished["prompted"] == generate_alone(captioner, pixels[1], "a photo of a", 6, 6)
 
 
 def test_the_cache_grows_for_a_long_caption_while_others_decode(captioner, pixels):
@@ -176,12 +195,12 @@ def test_the_vision_tower_in_pieces_between_steps_gives_generates_captions(capti
     assert seats.free_seats() == 0 and seats.decoding() == 1  # their seats are kept while they encode
 
     spread = {"later", "sooner"}
-    assert seats.encode(budget_s=0.0, spread=spread) == []  # the smallest budget: one image, one layer
+    seats.encode(budget_s=0.0, spread=spread)  # the smallest budget: one image, one layer
     assert {image.ticket: image.layer for image in seats.encoding} == {"sooner": 1, "later": 0}
     finished = {}
     while seats.busy_seats():  # about one image through one layer a step
-        steps = seats.encode(budget_s=seats.layer_s, spread=spread) + seats.step()
-        finished.update({done.ticket: done.tokens for done in steps})
+        seats.encode(budget_s=seats.layer_s, spread=spread)
+        finished.update({done.ticket: done.tokens for done in seats.step()})
     assert finished["sooner"] == generate_alone(captioner, pixels[2], None, 5, 5)
     assert finished["later"] == generate_alone(captioner, pixels[1], "a picture of", 6, 6)
     assert finished["seated"] == generate_alone(captioner, pixels[0], None, 12, 12)
@@ -242,4 +261,5 @@ def test_an_image_released_while_it_encodes_frees_its_seat(captioner, pixels):
     seats.join(["gone"], values, [captioner.start_tokens("")], [(5, 5)], encode_now=False)
     assert seats.free_seats() == 0
     seats.release("gone")
-    assert seats.free_seats() == 1 and seats.encode() == [] and seats.step() == []
+    seats.encode()
+    assert seats.free_seats() == 1 and seats.decoding() == 0 and seats.step() == []
