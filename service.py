@@ -36,7 +36,7 @@ from blip_serve.api.docs import DESCRIPTION, openapi_document
 from blip_serve.api.docs import PAGE as DOCS_PAGE
 from blip_serve.api.fetch import fetch_image
 from blip_serve.api.http import JsonErrors, RequestGuard, RequestLog, install_error_handlers, log_fields, reading_more
-from blip_serve.api.model_channel import ModelChannel
+from blip_serve.api.model_channel import ModelChannels
 from blip_serve.api.model_client import model_service_ready, send_jobs
 from blip_serve.api.openai_api import (
     chat_completions_body,
@@ -63,8 +63,7 @@ from blip_serve.host.drain import (
 from blip_serve.host.runner import service_address
 from blip_serve.model import channel_server
 from blip_serve.model.batcher import Batcher, CallDropped, MetricsObserver, QueueFull
-from blip_serve.shared import routes
-from blip_serve.shared.channel import PATH as CHANNEL_PATH
+from blip_serve.shared import channel, routes
 from blip_serve.shared.errors import ClientError, PayloadTooLarge, ServiceError, Unauthorized
 from blip_serve.shared.jobs import CaptionJob, CaptionResult
 from blip_serve.shared.model_files import describe_source, model_dir, model_source, served_model_id
@@ -94,11 +93,12 @@ LOGGING = {"access": {"enabled": False}}
 
 patches.apply()  # BentoML's and uvicorn's internals that a public endpoint cannot keep as they are
 
-# The API workers' calls reach the model service on one WebSocket each (blip_serve/shared/channel.py).
-channel = FastAPI()
+# The API workers' calls reach the model service on a WebSocket each (blip_serve/shared/channel.py),
+# here where its address is an http:// one, else on each model worker's own socket.
+channel_app = FastAPI()
 
 
-@bentoml.asgi_app(channel, path=CHANNEL_PATH)
+@bentoml.asgi_app(channel_app, path=channel.PATH)
 @bentoml.service(
     # One process per GPU: BentoML assigns the service this many GPUs and shows all of them to each
     # worker, and worker k uses the k-th. Where there is no GPU, the workers split the CPU's cores.
@@ -123,8 +123,8 @@ class BlipModelService:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from blip_serve.model.captioner import BlipCaptioner  # torch and BLIP load in this process only
 
-        worker = bentoml.server_context.worker_index or 1
-        self.captioner = BlipCaptioner(model_dir(self.model_files), settings, worker)
+        self.worker = bentoml.server_context.worker_index or 1
+        self.captioner = BlipCaptioner(model_dir(self.model_files), settings, self.worker)
         self.batcher = Batcher(
             self.captioner.caption_jobs_async,
             max_batch_size=settings.max_batch_size,
@@ -147,10 +147,26 @@ class BlipModelService:
         self.drain.install()
         forget_dead_workers_gauges()  # a worker that died left its queued and in-batch counts
 
-    @channel.websocket("/")
+    @bentoml.on_startup
+    async def serve_worker_socket(self) -> None:
+        """The channel on this worker's own socket, where the service's is a Unix socket (the API
+        workers open a channel to each model worker: blip_serve/shared/channel.py)."""
+        address = service_address(BlipModelService.name) or ""
+        self.worker_socket = None
+        if address.startswith("file://"):
+            path = channel.worker_addresses(address, self.worker)[-1].removeprefix("file://")
+            self.worker_socket = await channel_server.serve_worker_socket(path, self.batcher, self.worker)
+
+    @bentoml.on_shutdown
+    async def close_worker_socket(self) -> None:
+        if self.worker_socket is not None:
+            await self.worker_socket.cleanup()
+
+    @channel_app.websocket("/")
     async def serve_channel(self, websocket: WebSocket) -> None:
-        """An API worker's calls (caption_batch's, without an HTTP request for each)."""
-        await channel_server.serve_channel(websocket, self.batcher)
+        """An API worker's calls (caption_batch's, without an HTTP request for each), where the
+        service's address is an http:// one."""
+        await channel_server.serve_channel(websocket, self.batcher, self.worker)
 
     @bentoml.api
     async def model_info(self) -> dict:
@@ -251,10 +267,12 @@ class CaptionAPI:
         self.uploads = UploadReader(settings, self.text_limits.max_new_tokens_limit)
         self.model_loaded = False
         self.model_workers: frozenset[int] = frozenset()  # the model workers' pids when it last answered
-        # One channel reaches one model worker. With several (one per GPU), each call is its own HTTP
-        # request, as before the channel: the kernel spreads those connections over the workers.
+        # A channel to each model worker (one per GPU), each call to the least busy; where the model
+        # service has an http:// address and several workers, BentoML's client, whose connections
+        # the kernel spreads over the workers.
         address = service_address(BlipModelService.name)
-        self.channel = ModelChannel(address) if address and settings.model_workers == 1 else None
+        addresses = channel.worker_addresses(address, settings.model_workers) if address else []
+        self.channel = ModelChannels(addresses) if len(addresses) == settings.model_workers else None
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the
@@ -281,8 +299,8 @@ class CaptionAPI:
             await self.channel.close()
 
     async def call_model(self, jobs: list[CaptionJob], timeout_s: float, client: str) -> list[CaptionResult]:
-        """BlipModelService.caption_batch: on this worker's channel, else (several model workers,
-        or one process: a test) through BentoML's client."""
+        """BlipModelService.caption_batch: on a channel to a model worker, else (one process: a
+        test) through BentoML's client."""
         if self.channel:
             return await self.channel.call(jobs, timeout_s, client)
         return await self.model.to_async.caption_batch(jobs=jobs, timeout_s=timeout_s, client=client)

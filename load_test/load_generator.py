@@ -41,6 +41,7 @@ class StepReport:
     batch_sizes: dict[str, float] = field(default_factory=dict)  # bucket upper bound -> batches
     mean_batch_size: float | None = None
     model_busy: float | None = None  # share of the step's time the model spent computing batches
+    mean_step_captions: float | None = None  # captions a decoder step advanced, on average (of the seats)
     cpu_ms_per_image: float | None = None  # CPU the whole server spent per image answered
     api_cpu_ms_per_image: float | None = None  # of which blip-serve's API side (HTTP, decode, resize)
     decode_cpu_ms_per_image: float | None = None  # of the API side, its decode processes
@@ -210,6 +211,8 @@ async def run_step(
         if ok and cpu_after[part] is not None
     }
     busy = (after["busy_s"] - before.get("busy_s", 0.0)) / duration if "busy_s" in after else None
+    steps = after.get("steps", 0.0) - before.get("steps", 0.0)
+    step_captions = (after["step_captions"] - before.get("step_captions", 0.0)) / steps if steps else None
     return StepReport(
         server=server,
         mode=mode,
@@ -226,6 +229,7 @@ async def run_step(
         batch_sizes=buckets,
         mean_batch_size=None if mean_batch is None else round(mean_batch, 2),
         model_busy=None if busy is None else round(busy, 3),
+        mean_step_captions=None if step_captions is None else round(step_captions, 2),
         cpu_ms_per_image=cpu_ms.get("total"),
         api_cpu_ms_per_image=cpu_ms.get("api"),
         decode_cpu_ms_per_image=cpu_ms.get("decode"),

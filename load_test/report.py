@@ -20,6 +20,7 @@ COLUMNS = [
     "max_s",
     "mean_batch_size",
     "model_busy",
+    "mean_step_captions",
     "cpu_ms_per_image",
     "api_cpu_ms_per_image",
     "decode_cpu_ms_per_image",

@@ -1,17 +1,21 @@
-"""An API worker's end of its channel to the model service (blip_serve/shared/channel.py): one WebSocket,
-opened on the first call and again after it closes, that carries every call of this worker."""
+"""An API worker's end of its channels to the model service (blip_serve/shared/channel.py): a WebSocket
+to each model worker, opened on the first call and again after it closes, that carries this API
+worker's calls to it."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import time
 
 import aiohttp
 
 from blip_serve.shared import channel
 from blip_serve.shared.errors import Unavailable
 from blip_serve.shared.jobs import CaptionJob, CaptionResult
+
+REOPEN_S = 1.0  # how long calls pass over a channel that failed to open, while others are open
 
 
 class ChannelClosed(aiohttp.ServerDisconnectedError):
@@ -33,6 +37,7 @@ class ModelChannel:
         self.waiting: dict[int, tuple[aiohttp.ClientWebSocketResponse, asyncio.Future]] = {}
         self.tasks: set[asyncio.Task] = set()  # readers, sends and cancels under way
         self.ids = itertools.count(1)
+        self.failed_at = -REOPEN_S  # when opening it last failed (time.monotonic())
 
     async def call(self, jobs: list[CaptionJob], timeout_s: float, client: str = "") -> list[CaptionResult]:
         """The jobs' results, as BlipModelService.caption_batch answers them. Raises ChannelClosed
@@ -96,7 +101,11 @@ class ModelChannel:
                 try:
                     self.websocket = await self.session.ws_connect(self.url, max_msg_size=0)
                 except aiohttp.WSServerHandshakeError as exc:  # the model worker is not serving yet
+                    self.failed_at = time.monotonic()
                     raise ChannelClosed(f"the model service refused the channel: {exc.status}") from None
+                except aiohttp.ClientError:  # nobody serves the socket (a worker being replaced)
+                    self.failed_at = time.monotonic()
+                    raise
                 self.in_background(self.read_answers(self.websocket))
             return self.websocket
 
@@ -124,3 +133,30 @@ class ModelChannel:
             await self.websocket.close()
         if self.session is not None:
             await self.session.close()
+
+
+class ModelChannels:
+    """An API worker's channels to the model service: one to each address of
+    channel.worker_addresses (each model worker's own socket). A call goes on the channel with the
+    fewest images in flight (the next in turn among equals), passing over a channel that failed to
+    open in the last REOPEN_S (its model worker is being replaced)."""
+
+    def __init__(self, addresses: list[str]):
+        self.channels = [ModelChannel(address) for address in addresses]
+        self.in_flight = dict.fromkeys(self.channels, 0)
+        self.turns = itertools.count()
+
+    async def call(self, jobs: list[CaptionJob], timeout_s: float, client: str = "") -> list[CaptionResult]:
+        """ModelChannel.call on the least busy channel."""
+        now, turn = time.monotonic(), next(self.turns) % len(self.channels)
+        in_turn = self.channels[turn:] + self.channels[:turn]
+        least_busy = min(in_turn, key=lambda c: (now - c.failed_at < REOPEN_S, self.in_flight[c]))
+        self.in_flight[least_busy] += len(jobs)
+        try:
+            return await least_busy.call(jobs, timeout_s, client)
+        finally:
+            self.in_flight[least_busy] -= len(jobs)
+
+    async def close(self) -> None:
+        for each in self.channels:
+            await each.close()

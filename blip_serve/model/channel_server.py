@@ -7,17 +7,64 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
+from aiohttp import WSMsgType, web
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from blip_serve.model.batcher import Batcher, CallDropped, QueueFull
 from blip_serve.shared import channel
 
-log = logging.getLogger("blip_serve.channel")
+log = logging.getLogger("bentoml.blip_serve.channel")  # BentoML shows its own loggers only
 
 
-async def serve_channel(websocket: WebSocket, batcher: Batcher) -> None:
+class AiohttpWebSocket:
+    """An aiohttp server's WebSocket, as serve_channel uses Starlette's."""
+
+    def __init__(self, request: web.Request):
+        self.request, self.websocket = request, web.WebSocketResponse(max_msg_size=0)
+
+    async def accept(self) -> None:
+        await self.websocket.prepare(self.request)
+
+    async def send_text(self, text: str) -> None:
+        await self.websocket.send_str(text)
+
+    async def receive_text(self) -> str:
+        return await self.receive(WSMsgType.TEXT)
+
+    async def receive_bytes(self) -> bytes:
+        return await self.receive(WSMsgType.BINARY)
+
+    async def receive(self, kind: WSMsgType):
+        message = await self.websocket.receive()
+        if message.type != kind:  # closed, or not the channel's protocol: the API worker is gone
+            raise WebSocketDisconnect()
+        return message.data
+
+
+async def serve_worker_socket(path: str, batcher: Batcher, worker: int) -> web.AppRunner:
+    """Serve the channel on this model worker's own socket at `path` (channel.worker_addresses);
+    `cleanup()` the runner returned to stop."""
+
+    async def endpoint(request: web.Request) -> web.WebSocketResponse:
+        websocket = AiohttpWebSocket(request)
+        await serve_channel(websocket, batcher, worker)
+        return websocket.websocket
+
+    app = web.Application()
+    app.router.add_get(channel.PATH + "/", endpoint)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    os.chmod(path, 0o600)  # this user's API workers only
+    return runner
+
+
+async def serve_channel(websocket: WebSocket | AiohttpWebSocket, batcher: Batcher, worker: int = 1) -> None:
+    """An API worker's calls to this model worker (`worker`: its number, for the log)."""
     await websocket.accept()
+    log.info("model worker %d: a channel from an API worker opened", worker)
     calls: dict[int, asyncio.Task] = {}
     sending = asyncio.Lock()
 

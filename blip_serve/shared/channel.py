@@ -9,6 +9,10 @@ a call cost the model process ~4 ms of CPU an image: docs/performance.md).
                 full, or the call was dropped: a 503 to the client), or {"call": id, "fault": why} (a 500)
 
 Binary messages stay under uvicorn's WebSocket message limit (16 MiB) whatever the upload limit.
+
+Where `bentoml serve` gives the model service a Unix socket, each model worker also serves the channel
+on a socket of its own (`worker_addresses`), and an API worker opens a channel to each: the workers
+share the service's socket, and the kernel handed eight new connections in a row to one of two.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from blip_serve.shared.jobs import CaptionJob, CaptionResult
 
 PATH = "/channel"  # where the model service serves it
 CHUNK = 1024 * 1024
+
+
+def worker_addresses(address: str, workers: int) -> list[str]:
+    """Where the API workers reach each of the model service's `workers` (1, 2, ...) on a channel:
+    beside the service's socket (file://...); else (an http:// address) the service's address,
+    which reaches one worker of them."""
+    if address.startswith("file://"):
+        return [f"{address}.worker{worker}" for worker in range(1, workers + 1)]
+    return [address]
 
 
 def call_message(call_id: int, jobs: list[CaptionJob], timeout_s: float, client: str) -> tuple[str, list[bytes]]:

@@ -1,4 +1,5 @@
-"""Two model workers on a CPU: both caption, and the captions stay exact."""
+"""Two model workers on a CPU: the API worker has a channel to each, both caption, and the captions
+stay exact."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def test_two_model_workers_both_caption_exactly(tiny_model_dir, reference, tmp_p
     assert [a.status for a in answers] == [200] * len(answers)
     assert [a.body["caption"] for a in answers] == [reference.caption(d) for d in images] * 3
     assert "model worker 1" in log and "model worker 2" in log
+    # The one API worker opened a channel to each model worker (api/model_channel.py).
+    assert "model worker 1: a channel from an API worker opened" in log
+    assert "model worker 2: a channel from an API worker opened" in log
     print(f"model workers' CPU seconds during the load: {used}")
     # The kernel spreads the API's connections over the two workers' accept(); each did real work
     # (an idle worker spends a few hundredths of a second in that time).

@@ -1,7 +1,9 @@
 """The channel between an API worker and the model service (blip_serve/shared/channel.py): the API's
 end (api/model_channel.py) against the model's end (model/channel_server.py) served by a real uvicorn
 on a Unix socket, as `bentoml serve` serves it; a stand-in for the batcher only. What crosses, what
-each failure becomes, and that cancelling a call, or closing the channel, reaches the model."""
+each failure becomes, that cancelling a call, or closing the channel, reaches the model; and with
+several model workers, each serving on its own socket, that each gets a channel and the calls are
+spread over them."""
 
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
-from blip_serve.api.model_channel import ChannelClosed, ModelChannel
+from blip_serve.api.model_channel import ChannelClosed, ModelChannels
 from blip_serve.api.model_client import lost_on_its_connection, send_jobs
 from blip_serve.model.batcher import QueueFull
-from blip_serve.model.channel_server import serve_channel
+from blip_serve.model.channel_server import serve_channel, serve_worker_socket
 from blip_serve.shared import channel
 from blip_serve.shared.errors import Unavailable
 from blip_serve.shared.jobs import CaptionJob, CaptionResult
@@ -96,7 +98,7 @@ def run(test) -> None:
         with tempfile.TemporaryDirectory() as folder:
             batcher, socket = Batcher(), f"{folder}/model.sock"
             async with model_service(batcher, socket):
-                model = ModelChannel(f"file://{socket}")
+                model = ModelChannels([f"file://{socket}"])
                 try:
                     await test(batcher, model)
                 finally:
@@ -195,7 +197,7 @@ def test_a_channel_that_closes_loses_its_calls_and_the_next_call_opens_a_new_one
     async def main():
         with tempfile.TemporaryDirectory() as folder:
             batcher, socket = Batcher(), f"{folder}/model.sock"
-            model = ModelChannel(f"file://{socket}")
+            model = ModelChannels([f"file://{socket}"])
             async with model_service(batcher, socket) as server:
                 held = asyncio.create_task(model.call([job("hold")], timeout_s=60, client="a"))
                 await asyncio.sleep(0.2)
@@ -226,3 +228,53 @@ def test_an_api_worker_that_closes_its_channel_takes_its_calls_out_of_the_model(
         assert len(await cancelled(batcher)) == 1
 
     run(test)
+
+
+@contextlib.asynccontextmanager
+async def model_workers(folder: str, count: int):
+    """`count` model workers, each serving the channel on its own socket as `bentoml serve`'s do
+    (channel_server.serve_worker_socket); yields their batchers and the API worker's ModelChannels."""
+    batchers, runners = [Batcher() for _ in range(count)], []
+    addresses = channel.worker_addresses(f"file://{folder}/model.sock", count)
+    for worker, (batcher, address) in enumerate(zip(batchers, addresses), start=1):
+        runners.append(await serve_worker_socket(address.removeprefix("file://"), batcher, worker))
+    model = ModelChannels(addresses)
+    try:
+        yield batchers, model, runners
+    finally:
+        await model.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def test_each_model_worker_gets_a_channel_and_calls_go_to_the_least_busy():
+    async def main():
+        with tempfile.TemporaryDirectory() as folder:
+            async with model_workers(folder, 2) as (batchers, model, _):
+                held = [asyncio.create_task(model.call([job("hold", seed=i)], 60, "a")) for i in range(4)]
+                await asyncio.sleep(0.3)
+                assert [len(batcher.calls) for batcher in batchers] == [2, 2]
+                large = job("big", shape=(3, 1024, 1024), jpeg=b"j" * (3 * channel.CHUNK))  # in chunks
+                [done] = await model.call([large], 60, "a")
+                assert done.caption == expected(large, "a")
+                held[0].cancel()  # a cancel reaches its worker
+                assert len(await cancelled(batchers[0])) == 1
+                for batcher in batchers:
+                    batcher.release.set()
+                assert len(await asyncio.gather(*held[1:])) == 3
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_model_worker_being_replaced_is_passed_over_and_the_call_goes_to_another():
+    async def main():
+        with tempfile.TemporaryDirectory() as folder:
+            async with model_workers(folder, 2) as (batchers, model, runners):
+                await runners[0].cleanup()  # worker 1 is gone; its replacement is not serving yet
+                for prompt in ("first", "second"):
+                    [done] = await send_jobs(model.call, [job(prompt)], 60, "a")  # sent again once
+                    assert done.caption == expected(job(prompt), "a")
+                assert [len(batcher.calls) for batcher in batchers] == [0, 2]
+                assert model.channels[0].failed_at > 0
+
+    asyncio.run(asyncio.wait_for(main(), 30))
