@@ -124,6 +124,11 @@ class BlipModelService:
         from blip_serve.model.captioner import BlipCaptioner  # torch and BLIP load in this process only
 
         self.worker = bentoml.server_context.worker_index or 1
+        self.channels_open = bentoml.metrics.Gauge(
+            name="blip_channels_open",
+            documentation="Channels open from the API workers (one from each to each model worker)",
+            multiprocess_mode="livesum",
+        )
         self.captioner = BlipCaptioner(model_dir(self.model_files), settings, self.worker)
         self.batcher = Batcher(
             self.captioner.caption_jobs_async,
@@ -155,7 +160,9 @@ class BlipModelService:
         self.worker_socket = None
         if address.startswith("file://"):
             path = channel.worker_addresses(address, self.worker)[-1].removeprefix("file://")
-            self.worker_socket = await channel_server.serve_worker_socket(path, self.batcher, self.worker)
+            self.worker_socket = await channel_server.serve_worker_socket(
+                path, self.batcher, self.worker, self.channels_open
+            )
 
     @bentoml.on_shutdown
     async def close_worker_socket(self) -> None:
@@ -166,7 +173,7 @@ class BlipModelService:
     async def serve_channel(self, websocket: WebSocket) -> None:
         """An API worker's calls (caption_batch's, without an HTTP request for each), where the
         service's address is an http:// one."""
-        await channel_server.serve_channel(websocket, self.batcher, self.worker)
+        await channel_server.serve_channel(websocket, self.batcher, self.worker, self.channels_open)
 
     @bentoml.api
     async def model_info(self) -> dict:
@@ -272,7 +279,7 @@ class CaptionAPI:
         # the kernel spreads over the workers.
         address = service_address(BlipModelService.name)
         addresses = channel.worker_addresses(address, settings.model_workers) if address else []
-        self.channel = ModelChannels(addresses) if len(addresses) == settings.model_workers else None
+        self.channel = ModelChannels(addresses, address) if len(addresses) == settings.model_workers else None
         # Every upload is parsed and decoded in a child process under a CPU and a memory budget,
         # killed when its request ends. Large uploads take turns in a few low-priority processes:
         # N of them at once cost a few decodes' memory, not N, and they yield the cores to the

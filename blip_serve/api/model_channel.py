@@ -37,7 +37,7 @@ class ModelChannel:
         self.waiting: dict[int, tuple[aiohttp.ClientWebSocketResponse, asyncio.Future]] = {}
         self.tasks: set[asyncio.Task] = set()  # readers, sends and cancels under way
         self.ids = itertools.count(1)
-        self.failed_at = -REOPEN_S  # when opening it last failed (time.monotonic())
+        self.failed_at = -REOPEN_S  # when it last closed under its calls, or failed to open (time.monotonic())
 
     async def call(self, jobs: list[CaptionJob], timeout_s: float, client: str = "") -> list[CaptionResult]:
         """The jobs' results, as BlipModelService.caption_batch answers them. Raises ChannelClosed
@@ -123,6 +123,7 @@ class ModelChannel:
         finally:
             if self.websocket is websocket:
                 self.websocket = None  # the next call opens a new channel
+                self.failed_at = time.monotonic()  # the worker is gone, or being replaced
             for on, future in list(self.waiting.values()):
                 if on is websocket and not future.done():
                     future.set_exception(ChannelClosed("the channel to the model closed"))
@@ -138,11 +139,14 @@ class ModelChannel:
 class ModelChannels:
     """An API worker's channels to the model service: one to each address of
     channel.worker_addresses (each model worker's own socket). A call goes on the channel with the
-    fewest images in flight (the next in turn among equals), passing over a channel that failed to
-    open in the last REOPEN_S (its model worker is being replaced)."""
+    fewest images in flight (the next in turn among equals), passing over a channel that closed or
+    failed to open in the last REOPEN_S (its model worker is being replaced). When every one failed, a call
+    goes on a channel to the service's own socket (`shared`), where the replacement worker answers
+    once it has loaded: a call lost with its worker waits for it rather than failing at once."""
 
-    def __init__(self, addresses: list[str]):
+    def __init__(self, addresses: list[str], shared: str | None = None):
         self.channels = [ModelChannel(address) for address in addresses]
+        self.shared = ModelChannel(shared) if shared else None
         self.in_flight = dict.fromkeys(self.channels, 0)
         self.turns = itertools.count()
 
@@ -151,6 +155,8 @@ class ModelChannels:
         now, turn = time.monotonic(), next(self.turns) % len(self.channels)
         in_turn = self.channels[turn:] + self.channels[:turn]
         least_busy = min(in_turn, key=lambda c: (now - c.failed_at < REOPEN_S, self.in_flight[c]))
+        if self.shared and now - least_busy.failed_at < REOPEN_S:
+            return await self.shared.call(jobs, timeout_s, client)
         self.in_flight[least_busy] += len(jobs)
         try:
             return await least_busy.call(jobs, timeout_s, client)
@@ -158,5 +164,5 @@ class ModelChannels:
             self.in_flight[least_busy] -= len(jobs)
 
     async def close(self) -> None:
-        for each in self.channels:
+        for each in self.channels + ([self.shared] if self.shared else []):
             await each.close()

@@ -43,13 +43,13 @@ class AiohttpWebSocket:
         return message.data
 
 
-async def serve_worker_socket(path: str, batcher: Batcher, worker: int) -> web.AppRunner:
+async def serve_worker_socket(path: str, batcher: Batcher, worker: int, open_gauge=None) -> web.AppRunner:
     """Serve the channel on this model worker's own socket at `path` (channel.worker_addresses);
     `cleanup()` the runner returned to stop."""
 
     async def endpoint(request: web.Request) -> web.WebSocketResponse:
         websocket = AiohttpWebSocket(request)
-        await serve_channel(websocket, batcher, worker)
+        await serve_channel(websocket, batcher, worker, open_gauge)
         return websocket.websocket
 
     app = web.Application()
@@ -61,10 +61,15 @@ async def serve_worker_socket(path: str, batcher: Batcher, worker: int) -> web.A
     return runner
 
 
-async def serve_channel(websocket: WebSocket | AiohttpWebSocket, batcher: Batcher, worker: int = 1) -> None:
-    """An API worker's calls to this model worker (`worker`: its number, for the log)."""
+async def serve_channel(
+    websocket: WebSocket | AiohttpWebSocket, batcher: Batcher, worker: int = 1, open_gauge=None
+) -> None:
+    """An API worker's calls to this model worker (`worker`: its number, for the log); `open_gauge`
+    (blip_channels_open) counts the channels open."""
     await websocket.accept()
     log.info("model worker %d: a channel from an API worker opened", worker)
+    if open_gauge is not None:
+        open_gauge.inc()
     calls: dict[int, asyncio.Task] = {}
     sending = asyncio.Lock()
 
@@ -103,3 +108,5 @@ async def serve_channel(websocket: WebSocket | AiohttpWebSocket, batcher: Batche
     finally:  # the API worker is gone (or replaced): nobody waits for its calls
         for task in list(calls.values()):
             task.cancel()
+        if open_gauge is not None:
+            open_gauge.dec()

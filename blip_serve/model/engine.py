@@ -199,7 +199,7 @@ class SeatEngine:
         images in `spread` only for that long on average; and with `turn_s`, any images only for
         about that long, so that no call holds the model for longer (waiting images would
         otherwise run whole in one call of seconds). A call runs at least one image through one
-        layer (and, after the last layer, its prefill), which can take longer than a budget:
+        layer (and, after the last layer, its seating), which can take longer than a budget:
         while captions are being written, the time beyond it is owed, and later calls pay it back
         before they run any spread work. Images at the same layer run as one batch. Seats the
         images that came through."""

@@ -124,19 +124,20 @@ def test_soak_2000_requests_memory_stays_flat(tiny_model_dir, tmp_path):
 def gauge_lines(server) -> list[str]:
     """The live gauges' lines on /metrics: requests in progress, images queued and in a batch."""
     lines = httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines()
-    names = ("blip_images_queued", "blip_images_in_batch", "bentoml_service_request_in_progress")
+    names = ("blip_images_queued", "blip_images_in_batch", "bentoml_service_request_in_progress", "blip_channels_open")
     return [line for line in lines if line.startswith(names) and '"/readyz"' not in line]
 
 
 def gauges_in_use(server) -> list[str]:
-    """The live gauges that read above 0. An API worker's channel to the model service is a
-    connection held open, not a request: channels_open."""
-    return [line for line in gauge_lines(server) if '"/channel/"' not in line and float(line.split()[-1])]
+    """The live gauges that read above 0. An API worker's channels to the model workers are
+    connections held open, not requests: channels_open."""
+    return [line for line in gauge_lines(server) if "blip_channels_open" not in line and float(line.split()[-1])]
 
 
 def channels_open(server) -> float:
-    """The model service's WebSockets open: one per API worker that has sent a call (shared/channel.py)."""
-    return sum(float(line.split()[-1]) for line in gauge_lines(server) if '"/channel/"' in line)
+    """The channels open (blip_channels_open): one from each API worker that has sent a call to each
+    model worker (shared/channel.py)."""
+    return sum(float(line.split()[-1]) for line in gauge_lines(server) if line.startswith("blip_channels_open"))
 
 
 def test_readyz_is_503_at_once_while_a_killed_model_worker_reloads_and_no_count_is_left_behind(slow_server):
