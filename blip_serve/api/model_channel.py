@@ -15,7 +15,7 @@ from blip_serve.shared import channel
 from blip_serve.shared.errors import Unavailable
 from blip_serve.shared.jobs import CaptionJob, CaptionResult
 
-REOPEN_S = 1.0  # how long calls pass over a channel that failed to open, while others are open
+REOPEN_S = 1.0  # how long calls pass over a channel that closed under them or failed to open
 
 
 class ChannelClosed(aiohttp.ServerDisconnectedError):
@@ -140,9 +140,9 @@ class ModelChannels:
     """An API worker's channels to the model service: one to each address of
     channel.worker_addresses (each model worker's own socket). A call goes on the channel with the
     fewest images in flight (the next in turn among equals), passing over a channel that closed or
-    failed to open in the last REOPEN_S (its model worker is being replaced). When every one failed, a call
-    goes on a channel to the service's own socket (`shared`), where the replacement worker answers
-    once it has loaded: a call lost with its worker waits for it rather than failing at once."""
+    failed to open in the last REOPEN_S (its model worker is being replaced). When every one has,
+    a call goes on a channel to the service's own socket (`shared`), where the replacement worker
+    answers once it has loaded: a call lost with its worker waits for it rather than failing."""
 
     def __init__(self, addresses: list[str], shared: str | None = None):
         self.channels = [ModelChannel(address) for address in addresses]

@@ -22,7 +22,8 @@ class AiohttpWebSocket:
     """An aiohttp server's WebSocket, as serve_channel uses Starlette's."""
 
     def __init__(self, request: web.Request):
-        self.request, self.websocket = request, web.WebSocketResponse(max_msg_size=0)
+        # uvicorn's limit, as on the service's own route (the channel's messages are <= CHUNK)
+        self.request, self.websocket = request, web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
 
     async def accept(self) -> None:
         await self.websocket.prepare(self.request)
