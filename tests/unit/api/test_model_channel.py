@@ -278,3 +278,21 @@ def test_a_model_worker_being_replaced_is_passed_over_and_the_call_goes_to_anoth
                 assert model.channels[0].failed_at > 0
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_call_lost_with_the_only_model_worker_waits_on_the_service_socket_for_its_replacement():
+    """The worker's own socket is gone with it; the call goes to the service's shared socket, where
+    the new worker answers once it serves (BentoML keeps that socket across a worker's replacement)."""
+
+    async def main():
+        with tempfile.TemporaryDirectory() as folder:
+            batcher, shared = Batcher(), f"{folder}/model.sock"
+            [worker] = channel.worker_addresses(f"file://{shared}", 1)
+            model = ModelChannels([worker], shared=f"file://{shared}")
+            async with model_service(batcher, shared):  # only the shared socket is served
+                [done] = await send_jobs(model.call, [job("waited")], 60, "a")
+            assert done.caption == expected(job("waited"), "a") and len(batcher.calls) == 1
+            assert model.channels[0].failed_at > 0
+            await model.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
