@@ -141,12 +141,12 @@ class ModelChannels:
     channel.worker_addresses (each model worker's own socket). A call goes on the channel with the
     fewest images in flight (the next in turn among equals), passing over a channel that closed or
     failed to open in the last REOPEN_S (its model worker is being replaced). When every one has,
-    a call goes on a channel to the service's own socket (`shared`), where the replacement worker
-    answers once it has loaded: a call lost with its worker waits for it rather than failing."""
+    a call goes on a new channel to the service's own socket (`shared`), where the replacement
+    worker answers once it has loaded: a call lost with its worker waits for it rather than failing."""
 
     def __init__(self, addresses: list[str], shared: str | None = None):
         self.channels = [ModelChannel(address) for address in addresses]
-        self.shared = ModelChannel(shared) if shared else None
+        self.shared = shared
         self.in_flight = dict.fromkeys(self.channels, 0)
         self.turns = itertools.count()
 
@@ -156,7 +156,12 @@ class ModelChannels:
         in_turn = self.channels[turn:] + self.channels[:turn]
         least_busy = min(in_turn, key=lambda c: (now - c.failed_at < REOPEN_S, self.in_flight[c]))
         if self.shared and now - least_busy.failed_at < REOPEN_S:
-            return await self.shared.call(jobs, timeout_s, client)
+            # A channel of its own: one kept open could still reach the worker that just died.
+            fresh = ModelChannel(self.shared)
+            try:
+                return await fresh.call(jobs, timeout_s, client)
+            finally:
+                await fresh.close()
         self.in_flight[least_busy] += len(jobs)
         try:
             return await least_busy.call(jobs, timeout_s, client)
@@ -164,5 +169,5 @@ class ModelChannels:
             self.in_flight[least_busy] -= len(jobs)
 
     async def close(self) -> None:
-        for each in self.channels + ([self.shared] if self.shared else []):
+        for each in self.channels:
             await each.close()
