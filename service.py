@@ -159,7 +159,7 @@ class BlipModelService:
         address = service_address(BlipModelService.name) or ""
         self.worker_socket = None
         if address.startswith("file://"):
-            path = channel.worker_addresses(address, self.worker)[-1].removeprefix("file://")
+            path = channel.worker_address(address, self.worker).removeprefix("file://")
             self.worker_socket = await channel_server.serve_worker_socket(
                 path, self.batcher, self.worker, self.channels_open
             )

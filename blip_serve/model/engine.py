@@ -63,11 +63,11 @@ class Seat:
     prompt: list[int]  # [DEC] + the prompt's tokens
     max_new_tokens: int
     min_new_tokens: int
-    tokens: list[int] = field(default_factory=list)  # the prompt's tokens read so far, then those picked
+    tokens: list[int] = field(init=False)  # the prompt's tokens read so far, then those picked
     stopped: bool = False
 
     def __post_init__(self) -> None:
-        self.tokens = self.tokens or self.prompt[:1]
+        self.tokens = self.prompt[:1]
 
     @property
     def start(self) -> int:
@@ -257,12 +257,11 @@ class SeatEngine:
         keys = [attention.key(embeds).view(shape).transpose(1, 2) for attention in cross]
         values = [attention.value(embeds).view(shape).transpose(1, 2) for attention in cross]
         if not self.cross_keys:
-            shape = (len(self.seats), *keys[0].shape[1:])
-            self.cross_keys = [keys[0].new_zeros(shape) for _ in self.layers]
-            self.cross_values = [keys[0].new_zeros(shape) for _ in self.layers]
+            self.cross_keys = [keys[0].new_zeros(len(self.seats), *keys[0].shape[1:]) for _ in self.layers]
+            self.cross_values = [keys[0].new_zeros(len(self.seats), *keys[0].shape[1:]) for _ in self.layers]
+        self.grow(max(len(prompt) + most for prompt, (most, _) in zip(prompts, limits)), keys[0])
         for row, ticket in enumerate(tickets):
             max_new_tokens, min_new_tokens = limits[row]
-            self.grow(len(prompts[row]) + max_new_tokens, keys[0])
             index = self.seats.index(None)
             self.seats[index] = Seat(ticket, list(prompts[row]), max_new_tokens, min_new_tokens)
             for layer in range(len(self.layers)):

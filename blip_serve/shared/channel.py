@@ -33,8 +33,13 @@ def worker_addresses(address: str, workers: int) -> list[str]:
     beside the service's socket (file://...); else (an http:// address) the service's address,
     which reaches one worker of them."""
     if address.startswith("file://"):
-        return [f"{address}.worker{worker}" for worker in range(1, workers + 1)]
+        return [worker_address(address, worker) for worker in range(1, workers + 1)]
     return [address]
+
+
+def worker_address(address: str, worker: int) -> str:
+    """Model worker `worker`'s own socket, beside the service's (`address`: file://...)."""
+    return f"{address}.worker{worker}"
 
 
 def call_message(call_id: int, jobs: list[CaptionJob], timeout_s: float, client: str) -> tuple[str, list[bytes]]:
