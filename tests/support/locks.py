@@ -19,20 +19,31 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_lock(name: str | Path) -> dict[str, tuple[str, list[str]]]:
-    """A lock at the repository's root by name, or any requirements file by path."""
+def read_pins(name: str | Path) -> list[tuple[str, frozenset[str], str, list[str]]]:
+    """Each pin of a lock as pip reads it: (canonical name, extras, version, hashes)."""
     text = (REPO / name).read_text().replace("\\\n", " ")  # pip joins continued lines
-    pins = {}
+    pins = []
     for line in text.splitlines():
         line = line.split(" #", 1)[0].strip()
         if not line or line.startswith(("#", "--find-links")):
             continue
-        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", line)
+        pattern = r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([^\]]*)\])?==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)"
+        match = re.fullmatch(pattern, line)
         assert match, f"{name}: not an exact, hashed pin: {line[:120]}"
-        package, version, hashes = match.groups()
-        # A package named twice (BentoML appends its own bare `bentoml==` pin to a bento's copy):
-        # pip takes both if the versions agree, and checks the file against the hashes of both.
-        earlier_version, earlier_hashes = pins.get(canonical(package), (version, []))
+        package, extras, version, hashes = match.groups()
+        extras = frozenset(canonical(e.strip()) for e in (extras or "").split(",") if e.strip())
+        pins.append((canonical(package), extras, version, hashes.split()))
+    return pins
+
+
+def read_lock(name: str | Path) -> dict[str, tuple[str, list[str]]]:
+    """A lock at the repository's root by name, or any requirements file by path."""
+    pins = {}
+    for package, _extras, version, hashes in read_pins(name):
+        # A package named twice (BentoML appends its own bare `bentoml==` pin to a bento's copy;
+        # lock.sh pins a package asked for with an extra both with it and bare): pip takes both if
+        # the versions agree, and checks the file against the hashes of both.
+        earlier_version, earlier_hashes = pins.get(package, (version, []))
         assert earlier_version == version, f"{name}: {package} pinned to {earlier_version} and {version}"
-        pins[canonical(package)] = (version, earlier_hashes + hashes.split())
+        pins[package] = (version, earlier_hashes + hashes)
     return pins

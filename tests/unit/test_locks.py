@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from support.locks import LOCKS, REPO, canonical, read_lock
+from support.locks import LOCKS, REPO, canonical, read_lock, read_pins
 
 
 @pytest.mark.parametrize("lock", LOCKS)
@@ -78,3 +78,37 @@ def test_the_client_lock_holds_pyprojects_dependencies_at_the_servers_versions()
     for package, (version, hashes) in client.items():
         assert hashes and server[package][0] == version, package
     assert not {"bentoml", "torch", "fastapi", "numpy"} & set(client)
+
+
+@pytest.mark.parametrize("lock", ["requirements.txt", "requirements-bench.txt", "requirements-test.txt"])
+def test_a_package_asked_for_with_an_extra_is_pinned_with_it_and_bare(lock):
+    """litserve asks for `uvicorn[standard]>=0.29`, bentoml for `uvicorn>=0.22`. pip checks each
+    against the pins of its own name and extras: when the lock pinned uvicorn bare only, pip took
+    the newest uvicorn for litserve's, and every fresh install failed its hash check the day
+    uvicorn 0.55.0 came out. Read from the installed packages' own metadata (the test venv holds
+    these locks' versions)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    pins = read_pins(lock)
+    locked = {(package, extras) for package, extras, _version, _hashes in pins}
+    wanted_extras = {}
+    for package, extras, _version, _hashes in pins:
+        wanted_extras.setdefault(package, {""}).update(extras)
+    asked = set()
+    for package, (version, _hashes) in read_lock(lock).items():
+        dist = metadata.distribution(package)
+        assert canonical(dist.version) == canonical(version), f"the test venv has {package} {dist.version}"
+        for line in dist.requires or []:
+            need = Requirement(line)
+            if need.extras and any(
+                need.marker is None or need.marker.evaluate({"extra": e}) for e in wanted_extras[package]
+            ):
+                asked.add((canonical(need.name), frozenset(canonical(e) for e in need.extras), package))
+    assert ("uvicorn", frozenset({"standard"}), "litserve") in asked or lock == "requirements.txt"
+    for name, extras, by in asked:
+        assert any(n == name and extras <= e for n, e in locked), (
+            f"{lock}: {by} asks for {name}{sorted(extras)}: not pinned with it"
+        )
+        assert (name, frozenset()) in locked, f"{lock}: {name} is pinned with extras only, not bare"
