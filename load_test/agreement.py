@@ -28,7 +28,10 @@ def captions(model: str, variant: str, jobs, batch_size: int) -> tuple[list[str]
     started = time.perf_counter()
     out = []
     for start in range(0, len(jobs), batch_size):
-        out += [result.caption for result in captioner.caption_jobs(jobs[start : start + batch_size])]
+        for result in captioner.caption_jobs(jobs[start : start + batch_size]):
+            if result.caption is None:
+                raise SystemExit(f"{precision}: image {len(out)} got {result.status}: {result.error}")
+            out.append(result.caption)
     return out, time.perf_counter() - started
 
 

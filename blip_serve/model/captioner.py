@@ -266,7 +266,7 @@ class BlipCaptioner:
         weights = compiled.weights_id(model_dir)
         largest = max(settings.max_batch_size, 2)
         loaded = compiled.compile_vision(
-            self.model.vision_model, self.pixel_shape, self.input_dtype, largest, folder, weights
+            self.model.vision_model, self.pixel_shape, self.input_dtype, self.precision, largest, folder, weights
         )
         self.compiled_parts.append("vision")
         sources = [f"vision {'loaded' if loaded else 'compiled'}"]

@@ -212,11 +212,16 @@ class DecoderStep(torch.nn.Module):
         return self.step(tokens, positions, span, self_keys, self_values, cross_keys, cross_values)
 
 
-def compile_vision(vision: torch.nn.Module, pixel_shape, dtype, largest: int, folder: str, weights: str) -> bool:
+def compile_vision(
+    vision: torch.nn.Module, pixel_shape, dtype, precision: str, largest: int, folder: str, weights: str
+) -> bool:
     """Swap the vision tower's forward for its compiled package, for batches of 1 to `largest` (at
     least 2) images (larger ones, and calls with other options, keep the eager forward). Returns
-    whether the package came from the folder."""
-    name = package_name("vision", weights, pixel_shape=tuple(pixel_shape), dtype=str(dtype), largest=largest)
+    whether the package came from the folder. Named by the precision too: `hybrid` and `bf16` run
+    the same bf16 tower, but hybrid's hands fp32 embeddings on (captioner.apply_precision)."""
+    name = package_name(
+        "vision", weights, pixel_shape=tuple(pixel_shape), dtype=str(dtype), precision=precision, largest=largest
+    )
 
     def export():
         example = torch.zeros((2, *pixel_shape), dtype=dtype)

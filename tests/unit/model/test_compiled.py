@@ -97,3 +97,31 @@ def test_a_folder_it_cannot_write_still_serves_compiled(tmp_path, caplog, monkey
     with torch.inference_mode():
         assert torch.allclose(runner(example), layer(example), atol=1e-6)
     assert list((tmp_path / "temp").iterdir()) == []  # the package it compiled to load is gone
+
+
+@pytest.mark.slow  # four AOTInductor compiles of the tiny model (about a minute on 2 cores)
+def test_hybrid_and_bf16_keep_their_own_vision_package_in_one_cache(tiny_model_dir, tmp_path):
+    """Both run a bf16 vision tower, but hybrid's hands fp32 embeddings to its fp32 decoder. When
+    the two shared a package name, bf16 after hybrid on the same volume loaded hybrid's, and every
+    beam-search caption (transformers' generate) answered 500: bf16 weights fed fp32 embeddings."""
+    import numpy as np
+
+    from blip_serve.model.captioner import BlipCaptioner
+    from blip_serve.shared.jobs import CaptionJob
+    from blip_serve.shared.settings import load_settings
+
+    require(cxx_compiler() is not None, "a C++ compiler to compile the model (apt-get install g++)")
+    cache = tmp_path / "cache"
+    results = {}
+    for precision in ("hybrid", "bf16"):
+        env = {"BLIP_PRECISION": precision, "BLIP_COMPILE": "on", "BLIP_COMPILE_CACHE": str(cache)}
+        captioner = BlipCaptioner(tiny_model_dir, load_settings(env))
+        assert captioner.compiled_parts == ["vision", "decoder"]
+        pixels = np.random.default_rng(0).integers(0, 256, captioner.pixel_shape, dtype=np.uint8)
+        greedy, beams = (
+            CaptionJob(pixels=pixels, max_new_tokens=5),
+            CaptionJob(pixels=pixels, max_new_tokens=5, num_beams=2),
+        )
+        results[precision] = captioner.caption_jobs([greedy, beams])
+        assert [result.status for result in results[precision]] == [200, 200], results[precision]
+    assert len(list(cache.glob("vision-*.pt2"))) == 2
