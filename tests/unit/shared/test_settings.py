@@ -108,6 +108,23 @@ def test_auto_precision_is_fp16_on_cuda():
 
 
 @pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "fma", "avx512f", "avx512_vnni"}, "fp32"),  # bf16 emulated: 3.8x slower than fp32
+        ({"avx512f", "avx512_bf16"}, "hybrid"),  # AMD EPYC (Zen 4): 1.54 against 0.92 img/s
+        ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "hybrid"),
+        (set(), "fp32"),  # no /proc/cpuinfo
+    ],
+)
+def test_auto_precision_on_a_cpu_is_bf16_where_it_multiplies_bf16_natively(monkeypatch, flags, expected):
+    from blip_serve.model import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    assert pick_precision("auto", "cpu") == expected
+    assert pick_precision("fp32", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize(
     "value, expected", [("auto", "auto"), ("on", "on"), ("true", "on"), ("1", "on"), ("False", "off"), ("0", "off")]
 )
 def test_compile_is_auto_on_or_off_and_takes_its_old_true_false(value, expected):
