@@ -24,8 +24,8 @@ def pick_precision(setting: str, device: str) -> str:
     if device.startswith("cuda"):
         return "fp16"
     # bf16 pays off only where the CPU multiplies bf16 natively: AMX, or AVX-512 BF16 (a 2-core AMD
-    # EPYC: hybrid compiled 1.54 against fp32's 0.92 img/s). Without either, oneDNN emulates bf16 and
-    # runs 3.8x slower than fp32 (docs/performance.md).
+    # EPYC: hybrid compiled 1.26-1.65 against fp32's 0.92 img/s). Without either, oneDNN emulates
+    # bf16 and runs 3.8x slower than fp32 (docs/performance.md).
     return "hybrid" if cpu_multiplies_bf16() else "fp32"
 
 
