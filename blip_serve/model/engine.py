@@ -257,8 +257,9 @@ class SeatEngine:
         keys = [attention.key(embeds).view(shape).transpose(1, 2) for attention in cross]
         values = [attention.value(embeds).view(shape).transpose(1, 2) for attention in cross]
         if not self.cross_keys:
-            self.cross_keys = [keys[0].new_zeros(len(self.seats), *keys[0].shape[1:]) for _ in self.layers]
-            self.cross_values = [keys[0].new_zeros(len(self.seats), *keys[0].shape[1:]) for _ in self.layers]
+            every_seat = (len(self.seats), *keys[0].shape[1:])
+            self.cross_keys = [keys[0].new_zeros(every_seat) for _ in self.layers]
+            self.cross_values = [keys[0].new_zeros(every_seat) for _ in self.layers]
         self.grow(max(len(prompt) + most for prompt, (most, _) in zip(prompts, limits)), keys[0])
         for row, ticket in enumerate(tickets):
             max_new_tokens, min_new_tokens = limits[row]

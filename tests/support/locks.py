@@ -15,6 +15,10 @@ LOCKS = (
 )
 
 
+# `name[extra, ...]==version --hash=sha256:... ...`, as lock.sh writes each pin
+PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([^\]]*)\])?==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)")
+
+
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -27,8 +31,7 @@ def read_pins(name: str | Path) -> list[tuple[str, frozenset[str], str, list[str
         line = line.split(" #", 1)[0].strip()
         if not line or line.startswith(("#", "--find-links")):
             continue
-        pattern = r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([^\]]*)\])?==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)"
-        match = re.fullmatch(pattern, line)
+        match = PIN.fullmatch(line)
         assert match, f"{name}: not an exact, hashed pin: {line[:120]}"
         package, extras, version, hashes = match.groups()
         extras = frozenset(canonical(e.strip()) for e in (extras or "").split(",") if e.strip())

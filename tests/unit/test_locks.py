@@ -93,11 +93,12 @@ def test_a_package_asked_for_with_an_extra_is_pinned_with_it_and_bare(lock):
 
     pins = read_pins(lock)
     locked = {(package, extras) for package, extras, _version, _hashes in pins}
-    wanted_extras = {}
-    for package, extras, _version, _hashes in pins:
+    wanted_extras, versions = {}, {}
+    for package, extras, version, _hashes in pins:
         wanted_extras.setdefault(package, {""}).update(extras)
+        versions[package] = version
     asked = set()
-    for package, (version, _hashes) in read_lock(lock).items():
+    for package, version in versions.items():
         dist = metadata.distribution(package)
         assert canonical(dist.version) == canonical(version), f"the test venv has {package} {dist.version}"
         for line in dist.requires or []:
