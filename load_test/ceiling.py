@@ -134,7 +134,7 @@ def stages(captioner: BlipCaptioner, jobs: list[CaptionJob], batch_size: int, to
     decoder_dtype = names[next(captioner.model.text_decoder.parameters()).dtype]
     limits = {dtype: hardware.describe(captioner.device, dtype) for dtype in {vision_dtype, decoder_dtype}}
 
-    pixels = captioner.pixel_values(batch).to(captioner.input_dtype)
+    pixels = captioner.pixel_values(batch)
 
     @torch.inference_mode()
     def vision():

@@ -42,6 +42,17 @@ def test_normalized_pixels_equal_the_image_processor_bit_for_bit(captioner, tiny
     assert np.array_equal(captioner.normalize.on_device(torch.from_numpy(pixels)).numpy(), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pixels_normalized_straight_to_a_half_dtype_equal_the_float32_ones_cast(captioner, dtype):
+    rng = np.random.default_rng(0)
+    every_level = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (3, 16, 16))
+    images = [every_level.copy(), *(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8) for _ in range(2))]
+    cast = captioner.normalize(np.stack(images)).to(dtype)
+    straight = captioner.normalize(images, dtype)
+    assert straight.dtype == dtype
+    assert torch.equal(straight.view(torch.int16), cast.view(torch.int16))  # bit for bit, -0.0 and all
+
+
 def test_a_batch_equals_one_generate_per_image(captioner, jobs, reference):
     results = captioner.caption_jobs([job for _, job in jobs])
     assert [r.caption for r in results] == [reference.caption(data, max_new_tokens=20) for data, _ in jobs]
