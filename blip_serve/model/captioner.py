@@ -208,7 +208,10 @@ class BlipCaptioner:
         ahead_of_time = compile_model and self.device == "cpu"  # AOTInductor packages (compiled.py)
         if not unsupported:  # a vision tower compiled as a whole (on a CPU) runs whole
             gpu_compile = compile_model and not ahead_of_time
-            self.engine = SeatEngine(self.model, settings.max_batch_size, gpu_compile, piecewise=not ahead_of_time)
+            image_dtype = torch.bfloat16 if self.precision == "hybrid" else None  # the tower's
+            self.engine = SeatEngine(
+                self.model, settings.max_batch_size, gpu_compile, piecewise=not ahead_of_time, image_dtype=image_dtype
+            )
         self.compiled_parts = []
         if compile_model:
             if settings.compile_cache:  # inductor reads it when it first caches: before any compile

@@ -244,14 +244,18 @@ def compile_vision(
 def compile_step(engine, folder: str, weights: str) -> bool:
     """Swap the engine's decoder step for its compiled package (rows and cache length symbolic:
     one graph for every step). Returns whether the package came from the folder."""
-    seats, dtype = len(engine.seats), engine.text_dtype
+    seats, dtype, image_dtype = len(engine.seats), engine.text_dtype, engine.image_dtype
     image_tokens = engine.image_tokens
-    name = package_name("decoder", weights, seats=seats, dtype=str(dtype), image_tokens=image_tokens)
+    name = package_name(
+        "decoder", weights, seats=seats, dtype=str(dtype), image_dtype=str(image_dtype), image_tokens=image_tokens
+    )
 
     def export():
         rows, length, capacity = min(2, seats), 32, 64
         own = [torch.zeros(seats, engine.heads, capacity, engine.head_dim, dtype=dtype) for _ in engine.layers]
-        cross = [torch.zeros(seats, engine.heads, image_tokens, engine.head_dim, dtype=dtype) for _ in engine.layers]
+        cross = [
+            torch.zeros(seats, engine.heads, image_tokens, engine.head_dim, dtype=image_dtype) for _ in engine.layers
+        ]
         example = (
             torch.zeros((rows, 1), dtype=torch.long),
             torch.zeros(rows, dtype=torch.long),

@@ -25,6 +25,7 @@ The engine is plain torch on the model's thread; blip_serve/model/batcher.py dec
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -115,7 +116,12 @@ class SeatEngine:
     """BLIP's text decoder over `seats` rows of key/value buffers, and the vision tower in pieces."""
 
     def __init__(
-        self, model: BlipForConditionalGeneration, seats: int, compile_step: bool = False, piecewise: bool = True
+        self,
+        model: BlipForConditionalGeneration,
+        seats: int,
+        compile_step: bool = False,
+        piecewise: bool = True,
+        image_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.decoder = model.text_decoder
@@ -133,6 +139,22 @@ class SeatEngine:
         vision = model.config.vision_config
         self.image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # the patches and [CLS]
         self.text_dtype = next(self.decoder.parameters()).dtype
+        # The cross-attention keys and values over each image: in the decoder's dtype, or (`hybrid`)
+        # in the vision tower's bf16, computed by bf16 copies of their projections. A step reads
+        # every seat's keys and values over 577 image tokens (in fp32, 42 MB an image: more than
+        # the decoder's weights at 16 seats), and seating computes them (~16 GFLOP an image).
+        self.image_dtype = image_dtype or self.text_dtype
+        self.image_projections = (
+            [
+                (
+                    copy.deepcopy(layer.crossattention.self.key).to(self.image_dtype),
+                    copy.deepcopy(layer.crossattention.self.value).to(self.image_dtype),
+                )
+                for layer in self.layers
+            ]
+            if self.image_dtype != self.text_dtype
+            else []
+        )
         # The vision tower runs layer by layer, so that its work can be spread between steps; off
         # where it is compiled as a whole (BLIP_COMPILE on a CPU).
         self.piecewise = piecewise
@@ -249,13 +271,14 @@ class SeatEngine:
         self, tickets: list[object], image_embeds: torch.Tensor, prompts: list[list[int]], limits: list[tuple[int, int]]
     ) -> None:
         """Seat each image with what its captions attend to: every decoder layer's cross-attention
-        keys and values over the image's tokens, computed as BlipTextSelfAttention computes them
-        (in the decoder's dtype: `hybrid` runs a bf16 tower and a fp32 decoder)."""
-        embeds = image_embeds.to(self.text_dtype)
+        keys and values over the image's tokens, computed as BlipTextSelfAttention computes them,
+        in `image_dtype`."""
+        embeds = image_embeds.to(self.image_dtype)
         shape = (*embeds.shape[:-1], self.heads, self.head_dim)
         cross = [layer.crossattention.self for layer in self.layers]
-        keys = [attention.key(embeds).view(shape).transpose(1, 2) for attention in cross]
-        values = [attention.value(embeds).view(shape).transpose(1, 2) for attention in cross]
+        projections = self.image_projections or [(attention.key, attention.value) for attention in cross]
+        keys = [key(embeds).view(shape).transpose(1, 2) for key, _ in projections]
+        values = [value(embeds).view(shape).transpose(1, 2) for _, value in projections]
         if not self.cross_keys:
             every_seat = (len(self.seats), *keys[0].shape[1:])
             self.cross_keys = [keys[0].new_zeros(every_seat) for _ in self.layers]
@@ -287,7 +310,8 @@ class SeatEngine:
         return Finished(seat.ticket, seat.tokens, seat.start, seat.stopped)
 
     def grow(self, positions: int, like: torch.Tensor) -> None:
-        """Self-attention buffers for at least `positions` positions, in blocks of CACHE_BLOCK."""
+        """Self-attention buffers for at least `positions` positions, in blocks of CACHE_BLOCK (on
+        `like`'s device, in the decoder's dtype)."""
         capacity = self.self_keys[0].shape[2] if self.self_keys else 0
         if positions <= capacity:
             return
@@ -295,11 +319,11 @@ class SeatEngine:
         shape = (len(self.seats), self.heads, wanted, self.head_dim)
         grown = []
         for old in self.self_keys + self.self_values:
-            new = like.new_zeros(shape)
+            new = old.new_zeros(shape)
             new[:, :, :capacity] = old
             grown.append(new)
         if not grown:
-            grown = [like.new_zeros(shape) for _ in range(2 * len(self.layers))]
+            grown = [like.new_zeros(shape, dtype=self.text_dtype) for _ in range(2 * len(self.layers))]
         self.self_keys, self.self_values = grown[: len(self.layers)], grown[len(self.layers) :]
 
     @torch.inference_mode()
@@ -341,10 +365,14 @@ class SeatEngine:
         in BlipTextSelfAttention's order of operations."""
         rows = hidden.shape[0]
         query = attention.self.query(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-        scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores + mask
-        context = torch.matmul(scores.softmax(dim=-1), values)
+        if keys.dtype != query.dtype:  # `hybrid`'s bf16 image keys and values (`seat`): softmax in fp32
+            scores = torch.matmul(query.to(keys.dtype), keys.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+            context = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values).to(query.dtype)
+        else:
+            scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            context = torch.matmul(scores.softmax(dim=-1), values)
         context = context.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim)
         return attention.output(context, hidden)
 

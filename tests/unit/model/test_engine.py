@@ -263,3 +263,22 @@ def test_an_image_released_while_it_encodes_frees_its_seat(captioner, pixels):
     seats.release("gone")
     seats.encode()
     assert seats.free_seats() == 1 and seats.decoding() == 0 and seats.step() == []
+
+
+def test_hybrid_keeps_the_image_keys_and_values_in_bf16_and_agrees_with_its_generate(tiny_model_dir, pixels):
+    """`hybrid`: the tower's bf16 carries on into the cross-attention's keys and values over the
+    image (half the bytes a step reads, and bf16 matrix kernels to compute them); the decoder and
+    its self-attention stay fp32. Not bit for bit with generate's fp32 keys and values, but close."""
+    from blip_serve.model.captioner import BlipCaptioner
+    from blip_serve.shared.jobs import CaptionJob
+
+    hybrid = BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "hybrid", "BLIP_COMPILE": "off"}))
+    jobs = [CaptionJob(pixels=image, max_new_tokens=12) for image in pixels]
+    in_seats = [result.caption for result in hybrid.caption_in_seats(jobs)]
+    engine = hybrid.engine
+    assert {buffer.dtype for buffer in engine.cross_keys + engine.cross_values} == {torch.bfloat16}
+    assert {buffer.dtype for buffer in engine.self_keys + engine.self_values} == {torch.float32}
+    assert next(engine.decoder.parameters()).dtype == torch.float32
+    by_generate = [result.caption for result in hybrid.caption_jobs(jobs)]  # fp32 keys and values
+    same = sum(a == b for a, b in zip(in_seats, by_generate))
+    assert same >= len(jobs) - 1, list(zip(in_seats, by_generate))
