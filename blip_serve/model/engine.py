@@ -18,7 +18,9 @@ the decoder's key/value buffers, with its own prompt, position and max_new_token
 In fp32 each caption equals `generate` for that image alone, token for token (tests: mixed prompts and
 lengths sharing steps): the same layers in the same order, with `generate`'s rules (min new tokens,
 stop at [SEP]). Rows attend over a padded cache with the padding masked; as for any batch, the
-floats may differ from a lone image's in the last bits. Beam search stays on `generate`.
+floats may differ from a lone image's in the last bits. Beam search stays on `generate`. With
+`hybrid` the keys and values over the image are bf16, as the vision tower's output is: a step reads
+half the bytes, and its captions are `hybrid`'s, not fp32's (README: how far each precision agrees).
 
 The engine is plain torch on the model's thread; blip_serve/model/batcher.py decides who gets a seat.
 """
@@ -141,8 +143,8 @@ class SeatEngine:
         self.text_dtype = next(self.decoder.parameters()).dtype
         # The cross-attention keys and values over each image: in the decoder's dtype, or (`hybrid`)
         # in the vision tower's bf16, computed by bf16 copies of their projections. A step reads
-        # every seat's keys and values over 577 image tokens (in fp32, 42 MB an image: more than
-        # the decoder's weights at 16 seats), and seating computes them (~16 GFLOP an image).
+        # every seat's keys and values over 577 image tokens (42 MB an image in fp32: at 16 seats
+        # more than the decoder's own ~490 MB), and seating computes them (~16 GFLOP an image).
         self.image_dtype = image_dtype or self.text_dtype
         self.image_projections = (
             [
