@@ -84,7 +84,8 @@ def apply_precision(model: BlipForConditionalGeneration, precision: str) -> torc
         model.to(torch.bfloat16)
         return torch.bfloat16
     if precision == "hybrid":
-        # The vision tower (~85% of the FLOPs) in bf16, the decoder that picks tokens in fp32.
+        # The vision tower (~85% of the FLOPs) in bf16, the decoder that picks tokens in fp32 (the
+        # steps keep its keys and values over the image in bf16: engine.SeatEngine's image_dtype).
         model.vision_model.to(torch.bfloat16)
 
         def image_embeds_to_fp32(module, inputs, output):

@@ -368,6 +368,7 @@ class SeatEngine:
         rows = hidden.shape[0]
         query = attention.self.query(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
         if keys.dtype != query.dtype:  # `hybrid`'s bf16 image keys and values (`seat`): softmax in fp32
+            assert mask is None, "the image's tokens are all visible: no mask"
             scores = torch.matmul(query.to(keys.dtype), keys.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
             context = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values).to(query.dtype)
         else:
