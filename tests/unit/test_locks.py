@@ -113,3 +113,24 @@ def test_a_package_asked_for_with_an_extra_is_pinned_with_it_and_bare(lock):
             f"{lock}: {by} asks for {name}{sorted(extras)}: not pinned with it"
         )
         assert (name, frozenset()) in locked, f"{lock}: {name} is pinned with extras only, not bare"
+
+
+# Installed, uvloop changes how the server runs: uvicorn's "auto" loop takes it (httptools would
+# change its HTTP parser, but host/patches.use_h11 keeps h11 whatever is installed). The test and
+# bench locks have it through litserve's uvicorn[standard]; for the tests to run the event loop that
+# serves, the server's locks must have it too (before, a bento served on asyncio's own loop).
+INSTALLED_CHANGES_HOW_IT_SERVES = ["uvloop"]
+
+
+@pytest.mark.parametrize(
+    ("server_lock", "lock"),
+    [
+        ("requirements.txt", "requirements-bench.txt"),
+        ("requirements.txt", "requirements-test.txt"),
+        ("requirements-gpu.txt", "requirements-bench-gpu.txt"),
+    ],
+)
+def test_the_server_runs_on_the_event_loop_its_tests_ran(server_lock, lock):
+    server, other = read_lock(server_lock), read_lock(lock)
+    for package in INSTALLED_CHANGES_HOW_IT_SERVES:
+        assert (package in server) == (package in other), f"{package}: in {lock} but not in {server_lock}"
