@@ -207,7 +207,7 @@ class BlipCaptioner:
             compile_model = False
         self.engine = None
         ahead_of_time = compile_model and self.device == "cpu"  # AOTInductor packages (compiled.py)
-        if not unsupported:  # a vision tower compiled as a whole (on a CPU) runs whole
+        if not unsupported:  # a vision tower compiled as a whole (on a CPU) is spread an image at a time
             gpu_compile = compile_model and not ahead_of_time
             image_dtype = torch.bfloat16 if self.precision == "hybrid" else None  # the tower's
             self.engine = SeatEngine(
@@ -407,17 +407,20 @@ class BlipCaptioner:
     def caption_in_seats(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
         """Greedy jobs through the seats on this thread, as the batcher feeds them when they all
         arrive at once (load_test.ceiling: the model's own rate): as many join as there are free
-        seats, then steps until every job is answered."""
+        seats, then steps until every job is answered. Nobody else waits here, so the images that
+        join are encoded whole (no ENCODE_TURN_S)."""
         waiting, answered = list(enumerate(jobs)), {}
         while waiting or self.engine.busy_seats():
             free = self.engine.free_seats()
             joining, waiting = waiting[:free], waiting[free:]
             if joining:
                 answered.update(self.join_here(*zip(*joining)))
-            answered.update(self.step_here())
+            answered.update(self.step_here(turn_s=None))
         return [answered[index] for index in range(len(jobs))]
 
-    def step_here(self, spread: set | frozenset = frozenset()) -> list[tuple[object, CaptionResult]]:
+    def step_here(
+        self, spread: set | frozenset = frozenset(), turn_s: float | None = ENCODE_TURN_S
+    ) -> list[tuple[object, CaptionResult]]:
         """Encode the images waiting for their seats, then one decoder step. The images of tickets
         in `spread` are encoded only for SPREAD_SHARE of a step's time, before each step (a CPU
         spends ~25 steps' time on one image's vision tower): the batcher's choice, so that one
@@ -427,7 +430,7 @@ class BlipCaptioner:
         # next image is on its way: the batcher spreads only while another client is active).
         budget_s = SPREAD_SHARE * self.engine.last_step_s if spread else None
         try:
-            self.engine.encode(budget_s, spread, turn_s=ENCODE_TURN_S)
+            self.engine.encode(budget_s, spread, turn_s=turn_s)
         except Exception as exc:  # every image being encoded gets the error; seated captions go on
             seated = {seat.ticket for seat in self.engine.seats if seat is not None}
             failed = [ticket for ticket in encoding if ticket not in seated]

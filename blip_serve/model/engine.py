@@ -4,8 +4,9 @@
 keeps its row, and a new image waits for the whole batch. Here every image has a seat of its own in
 the decoder's key/value buffers, with its own prompt, position and max_new_tokens:
 
-- **join**: a new image takes a seat and is encoded: the vision tower, a layer at a time, so that
-  the batcher can spread that work between steps (`encode` with a time budget), then every decoder
+- **join**: a new image takes a seat and is encoded: the vision tower, a layer at a time (where it
+  is compiled as a whole, the whole tower an image at a time), so that the batcher can spread that
+  work between steps (`encode` with a time budget), then every decoder
   layer's cross-attention keys and values over the image, once, kept in the seat. From the next
   step on it decodes beside the others, whatever their prompts and lengths: the steps read its
   prompt ([DEC] and the prompt's tokens) a token a step, then pick its tokens. There is no prefill
@@ -104,13 +105,14 @@ class Finished:
 
 @dataclass(eq=False)
 class Encoding:
-    """One image on its way through the vision tower, a layer at a time; its seat is kept for it."""
+    """One image on its way through the vision tower, a piece at a time (a layer; or the whole tower,
+    where it is compiled as a whole); its seat is kept for it."""
 
     ticket: object
     prompt: list[int]
     limits: tuple[int, int]  # (max_new_tokens, min_new_tokens)
     priority: float  # the smallest goes first (the fair queue's tag)
-    hidden: torch.Tensor  # (1, image tokens, width): the hidden states after `layer` layers
+    hidden: torch.Tensor  # (1, image tokens, width): the hidden states after `layer` pieces (before any: pixels, whole)
     layer: int = 0
 
 
@@ -157,8 +159,8 @@ class SeatEngine:
             if self.image_dtype != self.text_dtype
             else []
         )
-        # The vision tower runs layer by layer, so that its work can be spread between steps; off
-        # where it is compiled as a whole (BLIP_COMPILE on a CPU).
+        # The vision tower runs layer by layer, so that its work can be spread between steps; where
+        # it is compiled as a whole (BLIP_COMPILE on a CPU), whole, an image at a time when spread.
         self.piecewise = piecewise
         self.encoding: list[Encoding] = []
         self.layer_s = 0.0  # one image through one vision layer, measured: how many fit a budget
@@ -204,10 +206,7 @@ class SeatEngine:
         order of `priorities`, smallest first). Their captions start at the next step."""
         if len(tickets) > self.free_seats():
             raise ValueError(f"{len(tickets)} images for {self.free_seats()} free seats")
-        if not self.piecewise:
-            self.seat(tickets, self.vision(pixel_values=pixel_values)[0], prompts, limits)
-            return
-        hidden = self.vision.embeddings(pixel_values)
+        hidden = self.vision.embeddings(pixel_values) if self.piecewise else pixel_values
         for row, ticket in enumerate(tickets):
             priority = priorities[row] if priorities else 0.0
             self.encoding.append(Encoding(ticket, prompts[row], limits[row], priority, hidden[row : row + 1]))
@@ -227,7 +226,7 @@ class SeatEngine:
         while captions are being written, the time beyond it is owed, and later calls pay it back
         before they run any spread work. Images at the same layer run as one batch. Seats the
         images that came through."""
-        layers = self.vision.encoder.layers
+        layers = self.vision.encoder.layers if self.piecewise else [self.whole_tower]
         waiting = any(image.ticket in spread for image in self.encoding)
         owing = budget_s is not None and waiting and self.decoding() > 0
         if not owing:  # no budget, nothing spread waiting, or no caption to keep moving: nothing owed
@@ -257,7 +256,9 @@ class SeatEngine:
             through = [image for image in self.encoding if image.layer == len(layers)]
             if through:
                 self.encoding = [image for image in self.encoding if image.layer < len(layers)]
-                embeds = self.vision.post_layernorm(torch.cat([image.hidden for image in through]))  # BlipVisionModel's
+                embeds = torch.cat([image.hidden for image in through])
+                if self.piecewise:
+                    embeds = self.vision.post_layernorm(embeds)  # BlipVisionModel's
                 self.seat(
                     [image.ticket for image in through],
                     embeds,
@@ -268,6 +269,10 @@ class SeatEngine:
                 spent += time.perf_counter() - before  # the layer, and the seating of the images it finished
         if owing:
             self.spread_owed = max(0.0, spent - allowance) if allowance >= 0 else -allowance
+
+    def whole_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower as one piece: pixels -> its last hidden state (post-layernorm included)."""
+        return self.vision(pixel_values=pixel_values)[0]
 
     def seat(
         self, tickets: list[object], image_embeds: torch.Tensor, prompts: list[list[int]], limits: list[tuple[int, int]]

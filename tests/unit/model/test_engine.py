@@ -255,6 +255,37 @@ def test_images_not_spread_are_encoded_whole_before_the_spread_ones(captioner, p
     assert {image.ticket: image.layer for image in seats.encoding} == {"a": 1, "b": 0}
 
 
+def test_a_tower_compiled_whole_is_spread_an_image_at_a_time(captioner, pixels):
+    """Where the vision tower runs whole (compiled as a whole: BLIP_COMPILE on a CPU), the piece is
+    one image through the whole tower: spread images go one a call within their budget, what ran
+    past it is paid back, images not spread go first, and the captions still equal generate's."""
+    from blip_serve.model.engine import SeatEngine
+
+    seats = SeatEngine(captioner.model, 4, piecewise=False)
+    join(captioner, seats, [("seated", pixels[0], None, 12, 12)])
+    assert seats.decoding() == 1 and seats.encoding == []  # encode_now: whole, at once
+    values = captioner.normalize(np.stack(pixels[1:4]))
+    prompts = [captioner.start_tokens(prompt) for prompt in ("", "a picture of", "")]
+    limits = [(6, 6), (5, 5), (7, 7)]
+    seats.join(["crowd1", "crowd2", "own"], values, prompts, limits, priorities=[1.0, 2.0, 3.0], encode_now=False)
+    spread = {"crowd1", "crowd2"}
+    seats.encode(budget_s=0.0, spread=spread)  # the smallest budget: the image not spread, then one spread
+    seated = [seat.ticket for seat in seats.seats if seat is not None]
+    assert seated == ["seated", "own", "crowd1"] and [image.ticket for image in seats.encoding] == ["crowd2"]
+    assert seats.spread_owed > 0  # one whole image ran past a budget of nothing
+    owed = seats.spread_owed
+    seats.encode(budget_s=owed / 4, spread=spread)
+    assert [image.ticket for image in seats.encoding] == ["crowd2"]  # paying back: nothing spread runs
+    finished = {done.ticket: done.tokens for done in seats.step()}
+    while seats.busy_seats():
+        seats.encode(budget_s=seats.layer_s, spread=spread)
+        finished.update({done.ticket: done.tokens for done in seats.step()})
+    assert finished["seated"] == generate_alone(captioner, pixels[0], None, 12, 12)
+    assert finished["crowd1"] == generate_alone(captioner, pixels[1], None, 6, 6)
+    assert finished["crowd2"] == generate_alone(captioner, pixels[2], "a picture of", 5, 5)
+    assert finished["own"] == generate_alone(captioner, pixels[3], None, 7, 7)
+
+
 def test_an_image_released_while_it_encodes_frees_its_seat(captioner, pixels):
     seats = engine(captioner, 1)
     values = captioner.normalize(pixels[0][None])
