@@ -163,7 +163,7 @@ class SeatEngine:
         # it is compiled as a whole (BLIP_COMPILE on a CPU), whole, an image at a time when spread.
         self.piecewise = piecewise
         self.encoding: list[Encoding] = []
-        self.layer_s = 0.0  # one image through one vision layer, measured: how many fit a budget
+        self.layer_s = 0.0  # one image through one piece (a layer, or the tower), measured: how many fit a budget
         self.spread_owed = 0.0  # spread encoding that ran past its budgets, paid back by later calls
         self.last_step_s = 0.0
         self.last_step_rows = 0  # captions the last step advanced
