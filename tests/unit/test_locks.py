@@ -42,14 +42,15 @@ def test_each_lock_holds_what_it_was_made_from(lock, sources):
     assert not missing, f"{lock} lacks {sorted(missing)}: run bash requirements/lock.sh"
 
 
-@pytest.mark.parametrize(
-    ("server_lock", "lock"),
-    [
-        ("requirements.txt", "requirements-bench.txt"),
-        ("requirements.txt", "requirements-test.txt"),
-        ("requirements-gpu.txt", "requirements-bench-gpu.txt"),
-    ],
-)
+# Each lock resolved within a server's lock (lock.sh: --constraint).
+BUILT_ON_THE_SERVERS = [
+    ("requirements.txt", "requirements-bench.txt"),
+    ("requirements.txt", "requirements-test.txt"),
+    ("requirements-gpu.txt", "requirements-bench-gpu.txt"),
+]
+
+
+@pytest.mark.parametrize(("server_lock", "lock"), BUILT_ON_THE_SERVERS)
 def test_bench_and_test_locks_install_the_servers_versions(server_lock, lock):
     server, other = read_lock(server_lock), read_lock(lock)
     differ = {p: (server[p][0], other[p][0]) for p in server if other.get(p, server[p])[0] != server[p][0]}
@@ -122,14 +123,7 @@ def test_a_package_asked_for_with_an_extra_is_pinned_with_it_and_bare(lock):
 INSTALLED_CHANGES_HOW_IT_SERVES = ["uvloop"]
 
 
-@pytest.mark.parametrize(
-    ("server_lock", "lock"),
-    [
-        ("requirements.txt", "requirements-bench.txt"),
-        ("requirements.txt", "requirements-test.txt"),
-        ("requirements-gpu.txt", "requirements-bench-gpu.txt"),
-    ],
-)
+@pytest.mark.parametrize(("server_lock", "lock"), BUILT_ON_THE_SERVERS)
 def test_the_server_runs_on_the_event_loop_its_tests_ran(server_lock, lock):
     server, other = read_lock(server_lock), read_lock(lock)
     for package in INSTALLED_CHANGES_HOW_IT_SERVES:
