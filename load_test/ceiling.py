@@ -111,7 +111,7 @@ def step_bytes(captioner: BlipCaptioner, rows: int) -> float:
     weights = sum(p.numel() * p.element_size() for p in decoder.parameters())
     text = captioner.model.config.text_config
     image_dtype = captioner.engine.image_dtype if captioner.engine else next(decoder.parameters()).dtype
-    element = torch.empty((), dtype=image_dtype).element_size()  # `hybrid`: bf16 (engine.SeatEngine)
+    element = image_dtype.itemsize  # `hybrid`: bf16 (engine.SeatEngine)
     cross = text.num_hidden_layers * 2 * image_tokens(captioner.model.config) * text.hidden_size * element
     return weights + rows * cross
 

@@ -148,17 +148,13 @@ class SeatEngine:
         # every seat's keys and values over 577 image tokens (42 MB an image in fp32: at 16 seats
         # more than the decoder's own ~490 MB), and seating computes them (~16 GFLOP an image).
         self.image_dtype = image_dtype or self.text_dtype
-        self.image_projections = (
-            [
-                (
-                    copy.deepcopy(layer.crossattention.self.key).to(self.image_dtype),
-                    copy.deepcopy(layer.crossattention.self.value).to(self.image_dtype),
-                )
-                for layer in self.layers
+        cross = [layer.crossattention.self for layer in self.layers]
+        self.image_projections = [(attention.key, attention.value) for attention in cross]
+        if self.image_dtype != self.text_dtype:
+            self.image_projections = [
+                (copy.deepcopy(key).to(self.image_dtype), copy.deepcopy(value).to(self.image_dtype))
+                for key, value in self.image_projections
             ]
-            if self.image_dtype != self.text_dtype
-            else []
-        )
         # The vision tower runs layer by layer, so that its work can be spread between steps; where
         # it is compiled as a whole (BLIP_COMPILE on a CPU), whole, an image at a time when spread.
         self.piecewise = piecewise
@@ -282,10 +278,8 @@ class SeatEngine:
         in `image_dtype`."""
         embeds = image_embeds.to(self.image_dtype)
         shape = (*embeds.shape[:-1], self.heads, self.head_dim)
-        cross = [layer.crossattention.self for layer in self.layers]
-        projections = self.image_projections or [(attention.key, attention.value) for attention in cross]
-        keys = [key(embeds).view(shape).transpose(1, 2) for key, _ in projections]
-        values = [value(embeds).view(shape).transpose(1, 2) for _, value in projections]
+        keys = [key(embeds).view(shape).transpose(1, 2) for key, _ in self.image_projections]
+        values = [value(embeds).view(shape).transpose(1, 2) for _, value in self.image_projections]
         if not self.cross_keys:
             every_seat = (len(self.seats), *keys[0].shape[1:])
             self.cross_keys = [keys[0].new_zeros(every_seat) for _ in self.layers]
