@@ -165,6 +165,12 @@ def test_clients_are_known_by_address_and_a_forwarded_one_only_from_a_trusted_pr
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as elsewhere:
         spoofed = elsewhere.post(f"{server.url}/caption", files=image, headers={"X-Forwarded-For": "203.0.113.8"})
     assert proxied.status_code == spoofed.status_code == 200
+    # Each line is written as its request ends, just after the answer's last byte: wait for them.
+    deadline = time.monotonic() + 5
+    while (
+        not {"client=203.0.113.7", "client=127.0.0.2"} <= set(server.log_text().split()) and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
     log = server.log_text()
     assert "client=203.0.113.7" in log
     assert "client=127.0.0.2" in log and "203.0.113.8" not in log
