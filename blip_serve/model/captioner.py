@@ -97,6 +97,36 @@ def apply_precision(model: BlipForConditionalGeneration, precision: str) -> torc
     raise ValueError(f"unknown precision {precision!r}")
 
 
+class PackedLinear(torch.nn.Module):
+    """An fp32 nn.Linear whose weight oneDNN reordered once, into the blocks its kernels read. With
+    the few rows of a decoder step (2-3 captions beside another client) MKL's fp32 matrix product,
+    which nn.Linear calls, took 2-3x its one-row time; oneDNN's barely more than its one row
+    (docs/performance.md). Not bit for bit with nn.Linear: `hybrid` only, never the exact fp32."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, self.in_features)
+        output = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return output.view(*hidden.shape[:-1], self.out_features)
+
+
+def pack_linears(module: torch.nn.Module) -> int:
+    """Swap every fp32 nn.Linear under `module` for a PackedLinear; returns how many."""
+    swapped = 0
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32:
+            setattr(module, name, PackedLinear(child))
+            swapped += 1
+        else:
+            swapped += pack_linears(child)
+    return swapped
+
+
 class PixelNormalizer:
     """Rescale and normalize as BLIP's image processor does (uint8 -> float64 x rescale_factor ->
     float32, then (x - mean) / std in float32), as a lookup: a uint8 has 256 values, so the
@@ -213,6 +243,10 @@ class BlipCaptioner:
             self.engine = SeatEngine(
                 self.model, settings.max_batch_size, gpu_compile, piecewise=not ahead_of_time, image_dtype=image_dtype
             )
+        # After the engine took its bf16 copies of the image key/value projections (a PackedLinear
+        # cannot be cast). The decoder is hybrid's fp32 part; the exact fp32 stays on nn.Linear.
+        if self.device == "cpu" and self.precision == "hybrid" and torch.backends.mkldnn.is_available():
+            pack_linears(self.model.text_decoder)
         self.compiled_parts = []
         if compile_model:
             if settings.compile_cache:  # inductor reads it when it first caches: before any compile
@@ -288,7 +322,7 @@ class BlipCaptioner:
         self.compiled_parts.append("vision")
         sources = [f"vision {'loaded' if loaded else 'compiled'}"]
         if self.engine is not None:
-            loaded = compiled.compile_step(self.engine, folder, weights)
+            loaded = compiled.compile_step(self.engine, folder, weights, self.precision)
             self.compiled_parts.append("decoder")
             sources.append(f"decoder {'loaded' if loaded else 'compiled'}")
         return f"{', '.join(sources)}; packages in {folder}"

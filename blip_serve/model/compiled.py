@@ -241,13 +241,20 @@ def compile_vision(
     return loaded
 
 
-def compile_step(engine, folder: str, weights: str) -> bool:
+def compile_step(engine, folder: str, weights: str, precision: str) -> bool:
     """Swap the engine's decoder step for its compiled package (rows and cache length symbolic:
-    one graph for every step). Returns whether the package came from the folder."""
+    one graph for every step). Returns whether the package came from the folder. Named by the
+    precision too: hybrid's fp32 decoder has oneDNN-packed weights (captioner.PackedLinear)."""
     seats, dtype, image_dtype = len(engine.seats), engine.text_dtype, engine.image_dtype
     image_tokens = engine.image_tokens
     name = package_name(
-        "decoder", weights, seats=seats, dtype=str(dtype), image_dtype=str(image_dtype), image_tokens=image_tokens
+        "decoder",
+        weights,
+        seats=seats,
+        dtype=str(dtype),
+        image_dtype=str(image_dtype),
+        image_tokens=image_tokens,
+        precision=precision,
     )
 
     def export():

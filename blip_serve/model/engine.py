@@ -4,9 +4,9 @@
 keeps its row, and a new image waits for the whole batch. Here every image has a seat of its own in
 the decoder's key/value buffers, with its own prompt, position and max_new_tokens:
 
-- **join**: a new image takes a seat and is encoded: the vision tower, a layer at a time (where it
-  is compiled as a whole, the whole tower an image at a time), so that the batcher can spread that
-  work between steps (`encode` with a time budget), then every decoder
+- **join**: a new image takes a seat and is encoded: the vision tower, a layer at a time, so that
+  the batcher can spread that work between steps (`encode` with a time budget; where the tower is
+  compiled as a whole, the images not spread run through it whole), then every decoder
   layer's cross-attention keys and values over the image, once, kept in the seat. From the next
   step on it decodes beside the others, whatever their prompts and lengths: the steps read its
   prompt ([DEC] and the prompt's tokens) a token a step, then pick its tokens. There is no prefill
@@ -105,8 +105,8 @@ class Finished:
 
 @dataclass(eq=False)
 class Encoding:
-    """One image on its way through the vision tower, a piece at a time (a layer; or the whole tower,
-    where it is compiled as a whole); its seat is kept for it."""
+    """One image on its way through the vision tower, a piece at a time (a layer; or the whole
+    tower, where it is compiled as a whole and the image is not spread); its seat is kept for it."""
 
     ticket: object
     prompt: list[int]
@@ -114,6 +114,7 @@ class Encoding:
     priority: float  # the smallest goes first (the fair queue's tag)
     hidden: torch.Tensor  # (1, image tokens, width): the hidden states after `layer` pieces (before any: pixels, whole)
     layer: int = 0
+    pieces: list | None = None  # the tower's pieces it goes through (SeatEngine.by_layer or .whole), set as it starts
 
 
 class SeatEngine:
@@ -155,11 +156,16 @@ class SeatEngine:
                 (copy.deepcopy(key).to(self.image_dtype), copy.deepcopy(value).to(self.image_dtype))
                 for key, value in self.image_projections
             ]
-        # The vision tower runs layer by layer, so that its work can be spread between steps; where
-        # it is compiled as a whole (BLIP_COMPILE on a CPU), whole, an image at a time when spread.
+        # The vision tower runs layer by layer, so that its work can be spread between steps. Where
+        # it is compiled as a whole (BLIP_COMPILE on a CPU: not `piecewise`), the images not spread
+        # run through it whole, and the spread ones through its eager layers: on a 2-core Zen 4 a
+        # bf16 image took 0.46 s compiled and 0.48 s eager, and a whole image of a 64-connection
+        # client between two steps held a one-connection client's captions for that long.
         self.piecewise = piecewise
+        self.by_layer = self.layer_pieces()
+        self.whole = [self.whole_tower]
         self.encoding: list[Encoding] = []
-        self.layer_s = 0.0  # one image through one piece (a layer, or the tower), measured: how many fit a budget
+        self.piece_s: dict[int, float] = {}  # id(pieces): one image through one of them, measured: how many fit a budget
         self.spread_owed = 0.0  # spread encoding that ran past its budgets, paid back by later calls
         self.last_step_s = 0.0
         self.last_step_rows = 0  # captions the last step advanced
@@ -202,7 +208,7 @@ class SeatEngine:
         order of `priorities`, smallest first). Their captions start at the next step."""
         if len(tickets) > self.free_seats():
             raise ValueError(f"{len(tickets)} images for {self.free_seats()} free seats")
-        hidden = self.vision.embeddings(pixel_values) if self.piecewise else pixel_values
+        hidden = self.vision.embeddings(pixel_values) if self.piecewise else pixel_values  # else: by_layer's first piece
         for row, ticket in enumerate(tickets):
             priority = priorities[row] if priorities else 0.0
             self.encoding.append(Encoding(ticket, prompts[row], limits[row], priority, hidden[row : row + 1]))
@@ -222,7 +228,6 @@ class SeatEngine:
         while captions are being written, the time beyond it is owed, and later calls pay it back
         before they run any spread work. Images at the same layer run as one batch. Seats the
         images that came through."""
-        layers = self.vision.encoder.layers if self.piecewise else [self.whole_tower]
         waiting = any(image.ticket in spread for image in self.encoding)
         owing = budget_s is not None and waiting and self.decoding() > 0
         if not owing:  # no budget, nothing spread waiting, or no caption to keep moving: nothing owed
@@ -236,25 +241,31 @@ class SeatEngine:
             self.encoding.sort(key=lambda image: (image.ticket in spread, image.priority))
             first = self.encoding[0]
             spread_first = first.ticket in spread
+            pieces = self.pieces_for(first, spread)
             limited = allowance is not None and spread_first
             if limited and (allowance < 0 or (spent and spent >= allowance)):
                 break  # the spread images wait for the next calls
-            group = [im for im in self.encoding if im.layer == first.layer and (im.ticket in spread) == spread_first]
+            group = [
+                image
+                for image in self.encoding
+                if image.layer == first.layer
+                and (image.ticket in spread) == spread_first
+                and self.pieces_for(image, spread) is pieces
+            ]
             room = [allowance - spent] if limited else []
             room += [turn_s - elapsed] if turn_s is not None else []
-            if room and self.layer_s:
-                group = group[: max(1, int(min(room) / self.layer_s))]
+            piece_s = self.piece_s.get(id(pieces))
+            if room and piece_s:
+                group = group[: max(1, int(min(room) / piece_s))]
             before = time.perf_counter()
-            hidden = layers[first.layer](torch.cat([image.hidden for image in group]))
+            hidden = pieces[first.layer](torch.cat([image.hidden for image in group]))
             for row, image in enumerate(group):
-                image.hidden, image.layer = hidden[row : row + 1], image.layer + 1
-            self.layer_s, ran = (time.perf_counter() - before) / len(group), True
-            through = [image for image in self.encoding if image.layer == len(layers)]
+                image.hidden, image.layer, image.pieces = hidden[row : row + 1], image.layer + 1, pieces
+            self.piece_s[id(pieces)], ran = (time.perf_counter() - before) / len(group), True
+            through = [image for image in self.encoding if image.pieces and image.layer == len(image.pieces)]
             if through:
-                self.encoding = [image for image in self.encoding if image.layer < len(layers)]
+                self.encoding = [image for image in self.encoding if image not in through]
                 embeds = torch.cat([image.hidden for image in through])
-                if self.piecewise:
-                    embeds = self.vision.post_layernorm(embeds)  # BlipVisionModel's
                 self.seat(
                     [image.ticket for image in through],
                     embeds,
@@ -265,6 +276,23 @@ class SeatEngine:
                 spent += time.perf_counter() - before  # the layer, and the seating of the images it finished
         if owing:
             self.spread_owed = max(0.0, spent - allowance) if allowance >= 0 else -allowance
+
+    def pieces_for(self, image: Encoding, spread: set | frozenset) -> list:
+        """The pieces an image goes through: those it started on, else the whole tower where it is
+        compiled as a whole and the image is not spread, else the layers."""
+        if image.pieces is not None:
+            return image.pieces
+        return self.whole if not self.piecewise and image.ticket not in spread else self.by_layer
+
+    def layer_pieces(self) -> list:
+        """BlipVisionModel's forward as pieces, one a layer: the first starts with the embeddings
+        (where `join` did not run them: not `piecewise`), the last ends with the post-layernorm."""
+        layers = list(self.vision.encoder.layers)
+        pieces = list(layers)
+        pieces[0] = lambda hidden: layers[0](hidden if self.piecewise else self.vision.embeddings(hidden))
+        last = pieces[-1]
+        pieces[-1] = lambda hidden: self.vision.post_layernorm(last(hidden))
+        return pieces
 
     def whole_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower as one piece: pixels -> its last hidden state (post-layernorm included)."""

@@ -199,7 +199,7 @@ def test_the_vision_tower_in_pieces_between_steps_gives_generates_captions(capti
     assert {image.ticket: image.layer for image in seats.encoding} == {"sooner": 1, "later": 0}
     finished = {}
     while seats.busy_seats():  # about one image through one layer a step
-        seats.encode(budget_s=seats.layer_s, spread=spread)
+        seats.encode(budget_s=seats.piece_s[id(seats.by_layer)], spread=spread)
         finished.update({done.ticket: done.tokens for done in seats.step()})
     assert finished["sooner"] == generate_alone(captioner, pixels[2], None, 5, 5)
     assert finished["later"] == generate_alone(captioner, pixels[1], "a picture of", 6, 6)
@@ -216,7 +216,7 @@ def test_spread_work_past_its_budget_is_paid_back_by_the_next_steps(captioner, p
     seats.join(["crowd"], values, [captioner.start_tokens("")], [(5, 5)], encode_now=False)
     seats.encode(budget_s=0.0, spread={"crowd"})
     assert seats.encoding[0].layer == 1  # at least one layer, whatever the budget
-    owed, budget = seats.spread_owed, seats.layer_s / 100
+    owed, budget = seats.spread_owed, seats.piece_s[id(seats.by_layer)] / 100
     assert owed > 2 * budget
     seats.step()
     seats.encode(budget_s=budget, spread={"crowd"})
@@ -255,10 +255,11 @@ def test_images_not_spread_are_encoded_whole_before_the_spread_ones(captioner, p
     assert {image.ticket: image.layer for image in seats.encoding} == {"a": 1, "b": 0}
 
 
-def test_a_tower_compiled_whole_is_spread_an_image_at_a_time(captioner, pixels):
-    """Where the vision tower runs whole (compiled as a whole: BLIP_COMPILE on a CPU), the piece is
-    one image through the whole tower: spread images go one a call within their budget, what ran
-    past it is paid back, images not spread go first, and the captions still equal generate's."""
+def test_a_tower_compiled_whole_runs_whole_for_images_not_spread_and_by_layer_for_spread_ones(captioner, pixels):
+    """Where the vision tower is compiled as a whole (BLIP_COMPILE on a CPU), images not spread run
+    through it whole and first; spread images go through its layers a piece at a time within their
+    budget (a whole image between two steps held other clients' captions for 0.46 s), what ran
+    past it is paid back, an image keeps the pieces it started on, and the captions equal generate's."""
     from blip_serve.model.engine import SeatEngine
 
     seats = SeatEngine(captioner.model, 4, piecewise=False)
@@ -268,17 +269,20 @@ def test_a_tower_compiled_whole_is_spread_an_image_at_a_time(captioner, pixels):
     prompts = [captioner.start_tokens(prompt) for prompt in ("", "a picture of", "")]
     limits = [(6, 6), (5, 5), (7, 7)]
     seats.join(["crowd1", "crowd2", "own"], values, prompts, limits, priorities=[1.0, 2.0, 3.0], encode_now=False)
+    crowd1, crowd2, own = seats.encoding
     spread = {"crowd1", "crowd2"}
-    seats.encode(budget_s=0.0, spread=spread)  # the smallest budget: the image not spread, then one spread
+    seats.encode(budget_s=0.0, spread=spread)  # the smallest budget: the image not spread, then one layer
     seated = [seat.ticket for seat in seats.seats if seat is not None]
-    assert seated == ["seated", "own", "crowd1"] and [image.ticket for image in seats.encoding] == ["crowd2"]
-    assert seats.spread_owed > 0  # one whole image ran past a budget of nothing
-    owed = seats.spread_owed
-    seats.encode(budget_s=owed / 4, spread=spread)
-    assert [image.ticket for image in seats.encoding] == ["crowd2"]  # paying back: nothing spread runs
+    assert seated == ["seated", "own"] and own.pieces is seats.whole
+    assert seats.encoding == [crowd1, crowd2] and (crowd1.layer, crowd2.layer) == (1, 1)  # one batch, one layer
+    assert crowd1.pieces is crowd2.pieces is seats.by_layer
+    assert seats.spread_owed > 0  # a layer ran past a budget of nothing
+    seats.encode(budget_s=seats.spread_owed / 4, spread=spread)
+    assert (crowd1.layer, crowd2.layer) == (1, 1)  # paying back: nothing spread runs
     finished = {done.ticket: done.tokens for done in seats.step()}
+    seats.encode()  # nothing spread now: they go on through the layers they started on
+    assert crowd1.pieces is crowd2.pieces is seats.by_layer and seats.encoding == []
     while seats.busy_seats():
-        seats.encode(budget_s=seats.layer_s, spread=spread)
         finished.update({done.ticket: done.tokens for done in seats.step()})
     assert finished["seated"] == generate_alone(captioner, pixels[0], None, 12, 12)
     assert finished["crowd1"] == generate_alone(captioner, pixels[1], None, 6, 6)
@@ -294,6 +298,32 @@ def test_an_image_released_while_it_encodes_frees_its_seat(captioner, pixels):
     seats.release("gone")
     seats.encode()
     assert seats.free_seats() == 1 and seats.decoding() == 0 and seats.step() == []
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build with oneDNN")
+def test_a_packed_linear_computes_what_nn_linear_does():
+    from blip_serve.model.captioner import PackedLinear
+
+    for layer in (torch.nn.Linear(48, 80), torch.nn.Linear(48, 80, bias=False)):
+        packed = PackedLinear(layer)
+        with torch.inference_mode():
+            for shape in ((1, 48), (3, 48), (2, 1, 48), (5, 7, 48)):
+                hidden = torch.randn(shape)
+                torch.testing.assert_close(packed(hidden), layer(hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build with oneDNN")
+def test_hybrid_packs_its_fp32_decoders_linears_and_the_exact_fp32_keeps_nn_linear(tiny_model_dir):
+    from blip_serve.model.captioner import BlipCaptioner, PackedLinear
+
+    def kinds(module):
+        return {type(m).__name__ for m in module.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+
+    hybrid = BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "hybrid", "BLIP_COMPILE": "off"}))
+    exact = BlipCaptioner(tiny_model_dir, load_settings({"BLIP_PRECISION": "fp32", "BLIP_COMPILE": "off"}))
+    assert kinds(hybrid.model.text_decoder) == {"PackedLinear"}
+    assert kinds(hybrid.model.vision_model) == {"Linear"}  # bf16: nn.Linear calls oneDNN already
+    assert kinds(exact.model.text_decoder) == kinds(exact.model.vision_model) == {"Linear"}
 
 
 def test_hybrid_keeps_the_image_keys_and_values_in_bf16_and_agrees_with_its_generate(tiny_model_dir, pixels):
