@@ -18,7 +18,7 @@ schedules here instead. The policy, in full:
    5 times an ordinary one.
 3. **Seats, one step at a time** (`Seats`: engine.py behind the captioner). Greedy images take the
    decoder's free seats in fair order, whatever their options, at most `max_joining` between two
-   steps; each step advances every seated caption, and a caption is answered the step it ends.
+   steps, and none of a client's while `max_joining` of its images wait for their encoding; each step advances every seated caption, and a caption is answered the step it ends.
    While other clients are active (images queued or seated, or answered within RECENT_S), no client
    takes more than half the seats. The images of a client holding more seats than another are
    encoded in pieces between steps (`spread`), the other's at once.
@@ -185,14 +185,24 @@ class FairQueue(Generic[J]):
         return self.take(self.form(self.queued)) if self.queued else []
 
     def take_seats(
-        self, room: int, fits: Callable[[J], bool], held: Counter | None = None, recent: frozenset = frozenset()
+        self,
+        room: int,
+        fits: Callable[[J], bool],
+        held: Counter | None = None,
+        recent: frozenset = frozenset(),
+        waiting: Counter | None = None,
+        most_waiting: int | None = None,
     ) -> list[Pending[J]]:
         """Up to `room` images for the decoder's free seats: in fair order, any options, while they
         `fit` the seats (the first that does not, a beam search, waits for its own batch). While
         other clients have images queued or seated, or were answered just now (`recent`), no client
         takes more than half the seats (`held`: seats per client now): a seat is held for a whole
-        caption, so one client's long captions could otherwise take every seat another's frees."""
-        held = Counter(held)
+        caption, so one client's long captions could otherwise take every seat another's frees.
+        Nor does a client take a seat while `most_waiting` of its images wait in theirs for their
+        encoding (`waiting`): alone, a 32-image request took every seat for images that then waited
+        seconds to be encoded, and the next client waited for a seat until one of its captions
+        ended (6 s, full model, CPU). Its other images wait in the queue, in fair order."""
+        held, waiting = Counter(held), Counter(waiting)
         most = -(-self.max_batch_size // 2)
         active = self.active_clients(held, recent)
         chosen = []
@@ -202,8 +212,11 @@ class FairQueue(Generic[J]):
             client = pending.flow.client
             if held[client] >= most and active - {client}:
                 continue
+            if most_waiting is not None and waiting[client] >= most_waiting:
+                continue
             chosen.append(pending)
             held[client] += 1
+            waiting[client] += 1
         return self.take(chosen) if chosen else []
 
     def active_clients(self, held: Counter, recent: frozenset) -> set:
@@ -235,6 +248,8 @@ class Seats(Protocol[J, R]):
     def free_seats(self) -> int: ...
 
     def busy_seats(self) -> int: ...
+
+    def waiting_to_encode(self) -> list[object]: ...  # the tickets of seated images not yet encoded
 
     async def join(self, tickets: list[object], jobs: list[J], priorities: list[float]) -> list[tuple[object, R]]: ...
 
@@ -338,7 +353,10 @@ class Batcher(Generic[J, R]):
             room = min(self.seats.free_seats(), self.max_joining)
             if room:
                 held = Counter(p.flow.client for p in self.seated)
-                joining = self.queue.take_seats(room, self.seats.fits, held, self.recent_clients())
+                waiting = Counter(p.flow.client for p in self.seats.waiting_to_encode())
+                joining = self.queue.take_seats(
+                    room, self.seats.fits, held, self.recent_clients(), waiting, self.max_joining
+                )
                 if joining:
                     await self.join(joining)
         elif fairest is not None:

@@ -389,6 +389,9 @@ class BlipCaptioner:
     def busy_seats(self) -> int:
         return self.engine.busy_seats()
 
+    def waiting_to_encode(self) -> list[object]:
+        return [image.ticket for image in self.engine.encoding]
+
     def release(self, ticket: object) -> None:
         self.engine.release(ticket)
 

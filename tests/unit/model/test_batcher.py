@@ -249,11 +249,14 @@ def test_the_batch_cost_bound_still_fills_ordinary_batches():
 
 class Seats:
     """A step-level decoder whose every step takes `step_s` and every join `join_s`: each seated
-    job needs max_new_tokens tokens, the first from its join. Remembers who shared each step."""
+    job needs max_new_tokens tokens, the first from its join, or (`encode_steps`) from the step
+    after its encoding's last. Remembers who shared each step."""
 
-    def __init__(self, seats: int = 4, step_s: float = 0.01, join_s: float = 0.02):
-        self.seats, self.step_s, self.join_s = seats, step_s, join_s
+    def __init__(self, seats: int = 4, step_s: float = 0.01, join_s: float = 0.02, encode_steps: int = 0):
+        self.seats, self.step_s, self.join_s, self.encode_steps = seats, step_s, join_s, encode_steps
         self.seated: dict[object, list] = {}  # ticket -> [job, tokens so far]
+        self.encoding: dict[object, list] = {}  # ticket -> [job, steps of encoding left]
+        self.most_waiting = 0  # the most images waiting for their encoding at once
         self.steps: list[set[str]] = []
         self.joins: list[list[str]] = []
         self.released: list[str] = []
@@ -263,20 +266,32 @@ class Seats:
         return job.num_beams == 1
 
     def free_seats(self) -> int:
-        return self.seats - len(self.seated)
+        return self.seats - len(self.seated) - len(self.encoding)
 
     def busy_seats(self) -> int:
-        return len(self.seated)
+        return len(self.seated) + len(self.encoding)
+
+    def waiting_to_encode(self) -> list[object]:
+        return list(self.encoding)
 
     async def join(self, tickets, jobs, priorities):
         assert len(tickets) <= self.free_seats() and len(priorities) == len(jobs)
         self.joins.append([job.name for job in jobs])
         await asyncio.sleep(self.join_s)
-        self.seated.update({ticket: [job, 1] for ticket, job in zip(tickets, jobs)})
+        if self.encode_steps:
+            self.encoding.update({ticket: [job, self.encode_steps] for ticket, job in zip(tickets, jobs)})
+            self.most_waiting = max(self.most_waiting, len(self.encoding))
+        else:
+            self.seated.update({ticket: [job, 1] for ticket, job in zip(tickets, jobs)})
         return self.leave()
 
     async def step(self, spread):
-        self.spread.append({self.seated[ticket][0].name for ticket in spread})
+        for ticket, state in list(self.encoding.items()):
+            state[1] -= 1
+            if not state[1]:
+                self.seated[ticket] = [self.encoding.pop(ticket)[0], 0]
+        names = {ticket: state[0].name for ticket, state in {**self.seated, **self.encoding}.items()}
+        self.spread.append({names[ticket] for ticket in spread})
         self.steps.append({job.name for job, _ in self.seated.values()})
         await asyncio.sleep(self.step_s)
         for state in self.seated.values():
@@ -290,7 +305,7 @@ class Seats:
         return done
 
     def release(self, ticket) -> None:
-        self.released.append(self.seated.pop(ticket)[0].name)
+        self.released.append((self.seated.pop(ticket, None) or self.encoding.pop(ticket))[0].name)
 
     def last_step(self) -> tuple[int, float]:
         return len(self.steps[-1]) if self.steps else 0, self.step_s
@@ -502,6 +517,19 @@ def test_a_client_waiting_for_a_seat_has_the_seated_images_spread():
     assert not any(seats.spread[:steps_before_one])  # alone, nobody's images are spread
     waiting = seats.spread[steps_before_one + 1 : first_one]  # "one" queued
     assert len(waiting) >= 10 and all(spread == {f"crowd{i}" for i in range(4)} for spread in waiting)
+
+
+def test_a_client_takes_seats_no_faster_than_its_images_are_encoded():
+    """A client alone took every seat for images that then waited seconds for their encoding (32
+    images, full model, CPU), and a client that came next waited for a seat until one of those
+    captions ended (100 steps, 6 s). At most max_joining images of a client wait for their encoding
+    now; its others wait in the fair queue, and the later client's image takes a free seat at once
+    (another client's images waiting to be encoded do not hold it back)."""
+    seats = Seats(seats=8, encode_steps=6)
+    steps_before_one = crowd_then_one(seats, crowd=16, tokens=100, head_start_s=0.1)
+    first_one = next(i for i, step in enumerate(seats.steps) if "one" in step)
+    assert first_one - steps_before_one <= 6 + 2  # its own encoding, and the step under way
+    assert seats.most_waiting == 3  # max_joining (8 seats // 4) of the crowd's, and "one"'s
 
 
 def test_a_client_between_two_requests_still_counts_as_active():
