@@ -18,7 +18,8 @@ schedules here instead. The policy, in full:
    5 times an ordinary one.
 3. **Seats, one step at a time** (`Seats`: engine.py behind the captioner). Greedy images take the
    decoder's free seats in fair order, whatever their options, at most `max_joining` between two
-   steps, and none of a client's while `max_joining` of its images wait for their encoding; each step advances every seated caption, and a caption is answered the step it ends.
+   steps, and none of a client's while `max_joining` of its images wait for their encoding; each
+   step advances every seated caption, and a caption is answered the step it ends.
    While other clients are active (images queued or seated, or answered within RECENT_S), no client
    takes more than half the seats. The images of a client holding more seats than another are
    encoded in pieces between steps (`spread`), the other's at once.

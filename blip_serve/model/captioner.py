@@ -115,16 +115,13 @@ class PackedLinear(torch.nn.Module):
         return output.view(*hidden.shape[:-1], self.out_features)
 
 
-def pack_linears(module: torch.nn.Module) -> int:
-    """Swap every fp32 nn.Linear under `module` for a PackedLinear; returns how many."""
-    swapped = 0
+def pack_linears(module: torch.nn.Module) -> None:
+    """Swap every fp32 nn.Linear under `module` for a PackedLinear."""
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32:
             setattr(module, name, PackedLinear(child))
-            swapped += 1
         else:
-            swapped += pack_linears(child)
-    return swapped
+            pack_linears(child)
 
 
 class PixelNormalizer:

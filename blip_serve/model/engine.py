@@ -165,9 +165,8 @@ class SeatEngine:
         self.by_layer = self.layer_pieces()
         self.whole = [self.whole_tower]
         self.encoding: list[Encoding] = []
-        self.piece_s: dict[
-            int, float
-        ] = {}  # id(pieces): one image through one of them, measured: how many fit a budget
+        # id(pieces): one image through one of them, measured: how many fit a budget
+        self.piece_s: dict[int, float] = {}
         self.spread_owed = 0.0  # spread encoding that ran past its budgets, paid back by later calls
         self.last_step_s = 0.0
         self.last_step_rows = 0  # captions the last step advanced
@@ -210,9 +209,8 @@ class SeatEngine:
         order of `priorities`, smallest first). Their captions start at the next step."""
         if len(tickets) > self.free_seats():
             raise ValueError(f"{len(tickets)} images for {self.free_seats()} free seats")
-        hidden = (
-            self.vision.embeddings(pixel_values) if self.piecewise else pixel_values
-        )  # else: by_layer's first piece
+        # Not piecewise: the embeddings run in by_layer's first piece, or in the whole tower.
+        hidden = self.vision.embeddings(pixel_values) if self.piecewise else pixel_values
         for row, ticket in enumerate(tickets):
             priority = priorities[row] if priorities else 0.0
             self.encoding.append(Encoding(ticket, prompts[row], limits[row], priority, hidden[row : row + 1]))
