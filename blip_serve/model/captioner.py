@@ -234,7 +234,7 @@ class BlipCaptioner:
             compile_model = False
         self.engine = None
         ahead_of_time = compile_model and self.device == "cpu"  # AOTInductor packages (compiled.py)
-        if not unsupported:  # a vision tower compiled as a whole (on a CPU) is spread an image at a time
+        if not unsupported:  # a tower compiled as a whole (on a CPU) runs spread images through its eager layers
             gpu_compile = compile_model and not ahead_of_time
             image_dtype = torch.bfloat16 if self.precision == "hybrid" else None  # the tower's
             self.engine = SeatEngine(

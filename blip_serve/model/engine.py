@@ -112,7 +112,7 @@ class Encoding:
     prompt: list[int]
     limits: tuple[int, int]  # (max_new_tokens, min_new_tokens)
     priority: float  # the smallest goes first (the fair queue's tag)
-    hidden: torch.Tensor  # (1, image tokens, width): the hidden states after `layer` pieces (before any: pixels, whole)
+    hidden: torch.Tensor  # (1, image tokens, width) after `layer` pieces; before any: embeddings (else pixels)
     layer: int = 0
     pieces: list | None = None  # the tower's pieces it goes through (SeatEngine.by_layer or .whole), set as it starts
 
