@@ -13,7 +13,10 @@ model worker finds it gone. So each worker wraps uvicorn's SIGTERM handler:
 
 Each then makes uvicorn exit without waiting for the rest: uvicorn's own graceful shutdown also
 waits for every other task, and a /readyz whose client gave up while the model was still loading
-left one that never ended, so the worker never exited.
+left one that never ended, so the worker never exited. Exiting so (`force_exit`) also skips the
+app's shutdown, so the worker runs it first: the services' `on_shutdown` hooks, and BentoML's
+clients removing their `bentoml-client-*` folders (left in the temp folder at every stop otherwise:
+uvicorn then re-raises SIGTERM, and the process dies without running its exit handlers).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from blip_serve.shared.routes import caption_paths
 
 logger = logging.getLogger("bentoml.blip_serve")
 POLL_S = 0.5
+APP_SHUTDOWN_S = 10  # the most the app's shutdown may take before the worker exits anyway
 
 
 class Drain:
@@ -86,10 +90,23 @@ class Drain:
             await asyncio.sleep(POLL_S / 5)
         server = getattr(handler, "__self__", None)  # the uvicorn.Server whose handle_exit this is
         if server is not None:
+            await shut_down_app(server)
             server.force_exit = True
 
     def overdue(self) -> bool:
         return time.monotonic() - self.since >= self.longest_s
+
+
+async def shut_down_app(server) -> None:
+    """The app's lifespan shutdown, which uvicorn skips once `force_exit` is set (a second call, if
+    uvicorn got there first, returns at once)."""
+    lifespan = getattr(server, "lifespan", None)
+    if lifespan is None:
+        return
+    try:
+        await asyncio.wait_for(lifespan.shutdown(), APP_SHUTDOWN_S)
+    except Exception:  # exiting anyway: say why the hooks did not finish
+        logger.exception("the app's shutdown did not finish; exiting without it")
 
 
 class InFlight:

@@ -10,7 +10,7 @@ import importlib.metadata
 # deliberate change: bump it in requirements/server.in, refresh the lock, re-check every use named here.
 WRITTEN_FOR = {
     "bentoml": "1.4.40",  # patches; home_lock (BentoMLContainer); runner (BENTOML_RUNNER_MAP); drain (worker argv)
-    "uvicorn": "0.54.0",  # patches: time_out_silent_connections, use_h11; drain (handle_exit's force_exit)
+    "uvicorn": "0.54.0",  # patches: time_out_silent_connections, use_h11; drain (handle_exit's force_exit, Server.lifespan)
     "kantoku": "0.18.3",  # BentoML's fork of circus, which installs the `circus` module: patches.remove_sockets_after_workers
     "aiohttp": "3.14.5",  # runner.session_closed: the text of its "Session is closed" RuntimeError
 }

@@ -1,13 +1,16 @@
 """SIGTERM to `bentoml serve` (what a rolling update, a scale-down or `docker compose stop` send to
 the container's first process): every request already accepted is answered, /readyz turns 503 at
-once, new requests are still served during the drain, and the server then exits by itself."""
+once, new requests are still served during the drain, and the server then exits by itself, having
+run its shutdown (its workers' BentoML clients remove their folders from the temp folder)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,13 +23,21 @@ pytestmark = pytest.mark.slow  # starts the real server
 DRAIN_S = 4
 
 
-def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A temp folder of the server's own, with a short path: BentoML puts its Unix sockets there."""
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="drain-") as folder:
+        yield Path(folder)
+
+
+def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, tmp_path, short_tmp):
     env = {
         "BLIP_MODEL": tiny_model_dir,
         "BLIP_MAX_NEW_TOKENS": "100",
         "BLIP_MIN_NEW_TOKENS": "100",  # one image a batch, 100 tokens: ~0.15 s an image or more
         "BLIP_MAX_BATCH_SIZE": "1",
         "BLIP_DRAIN_S": str(DRAIN_S),
+        "TMPDIR": str(short_tmp),
     }
     images = [encode(scene(1300 + i), "PNG") for i in range(8)]
     server = bento_server(env, tmp_path / "bentoml.log").start()
@@ -52,6 +63,7 @@ def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, 
         exit_code = server.process.wait(timeout=60)
         exited_after = time.monotonic() - sigterm
         log = server.log_text()
+        left_in_tmp = sorted(path.name for path in short_tmp.iterdir())
     finally:
         server.stop()
 
@@ -61,3 +73,4 @@ def test_sigterm_answers_what_was_accepted_and_turns_readyz_503(tiny_model_dir, 
     assert all(a.body["caption"] for a in answers)
     assert "SIGTERM: draining" in log and "drained: no new connections now" in log
     assert exit_code == 0 and DRAIN_S <= exited_after < DRAIN_S + 30, (exit_code, exited_after)
+    assert [name for name in left_in_tmp if name.startswith("bentoml-")] == [], left_in_tmp
